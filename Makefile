@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when
+# missing and installs the project into it.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines pin the CPU torch wheel that lies on disk (constraints-cpu.txt), so pip never
+# pulls a multi-GB CUDA build; a machine with an NVIDIA driver resolves torch freely.
+CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+STAMP := $(VENV)/.keel-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint bench-cpu clean-demo
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing keel into $(VENV) ..."
+	@$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev,fraud,medical]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-demo:
+	rm -rf mlflow.db mlartifacts keel_demo_output

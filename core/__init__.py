@@ -1,0 +1,1 @@
+"""Keel core: shared backbone, adapters, engine, tracking."""

@@ -1,0 +1,1 @@
+"""Generic flows over any app spec: train, evaluate, register, promote, batch-score."""

@@ -1,0 +1,186 @@
+"""The ``keel`` command line: generic over every app that ships a spec.
+
+keel apps
+keel <app> train    [--config cfg.yaml] [--margin M] [--no-promote]
+keel <app> evaluate [--model models:/keel-<app>@champion] [--config cfg.yaml]
+keel <app> score    --input PATH --output PATH [--model URI]
+keel score          --model URI --input PATH --output PATH
+keel models list | show NAME | promote NAME VERSION | rollback NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from core import tracking
+from core.spec import discover_apps, load_app_spec
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def _load_config(spec: Any, path: str | None) -> Any:
+    if path:
+        return spec.config_cls.from_yaml(path)
+    return spec.demo_config() if spec.demo_config else spec.config_cls()
+
+
+def _add_score_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument(
+        "--model", required=model_required, help="model URI, e.g. models:/keel-fraud@champion"
+    )
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--rejects", default=None)
+    p.add_argument("--chunk-rows", type=int, default=50_000)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keel", description="Keel: train, evaluate, register and score."
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: ./mlflow.db)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("apps", help="list the installed apps")
+
+    for app in discover_apps():
+        ap = sub.add_parser(app, help=f"the {app} app")
+        asub = ap.add_subparsers(dest="action", required=True)
+        t = asub.add_parser(
+            "train", help="train, evaluate, register as challenger, promote if better"
+        )
+        t.add_argument("--config", default=None)
+        t.add_argument("--margin", type=float, default=0.0)
+        t.add_argument("--no-promote", action="store_true")
+        e = asub.add_parser("evaluate", help="evaluate a registered model under the app's protocol")
+        e.add_argument("--model", default=None)
+        e.add_argument("--config", default=None)
+        s = asub.add_parser("score", help="batch-score a file with a registered model")
+        _add_score_args(s, model_required=False)
+
+    s = sub.add_parser("score", help="batch-score a file with any registered model")
+    _add_score_args(s, model_required=True)
+
+    m = sub.add_parser("models", help="the model registry")
+    msub = m.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    sh = msub.add_parser("show")
+    sh.add_argument("name")
+    pr = msub.add_parser("promote")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    rb = msub.add_parser("rollback")
+    rb.add_argument("name")
+    return parser
+
+
+def _score(args: argparse.Namespace, default_model: str | None = None) -> int:
+    from pipelines.score import score
+
+    report = score(
+        args.model or default_model,
+        args.input,
+        args.output,
+        rejects_path=args.rejects,
+        chunk_rows=args.chunk_rows,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: v for k, v in vars(report).items()}, indent=1, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    uri = tracking.configure(args.tracking_uri)
+
+    if args.command == "apps":
+        for name in discover_apps():
+            print(f"{name}: {load_app_spec(name).description}")
+        return 0
+    if args.command == "score":
+        return _score(args)
+    if args.command == "models":
+        from pipelines import registry
+
+        if args.action == "list":
+            _print_table(registry.list_models())
+        elif args.action == "show":
+            rows = registry.show(args.name)
+            _print_table(
+                [
+                    {
+                        k: (v if k != "metrics" else {m: round(x, 4) for m, x in v.items()})
+                        for k, v in r.items()
+                        if k != "tags"
+                    }
+                    for r in rows
+                ]
+            )
+        elif args.action == "promote":
+            registry.promote(args.name, args.version)
+            print(f"{args.name}: champion -> v{args.version}")
+        elif args.action == "rollback":
+            v = registry.rollback(args.name)
+            print(f"{args.name}: champion rolled back to v{v}")
+        return 0
+
+    spec = load_app_spec(args.command)
+    if args.action == "train":
+        from pipelines.lifecycle import train_register_promote
+
+        rep = train_register_promote(
+            spec.name,
+            _load_config(spec, args.config),
+            margin=args.margin,
+            auto_promote=not args.no_promote,
+        )
+        print(
+            f"{rep.model_name} v{rep.version} ({'champion' if rep.promoted else 'challenger'}); "
+            f"run {rep.run_id}"
+        )
+        print(f"protocol: {rep.protocol}")
+        _print_table([{"metric": k, "value": round(v, 4)} for k, v in rep.metrics.items()])
+        for r in rep.reasons:
+            print(" -", r)
+        print(f"look: mlflow ui --backend-store-uri {uri}")
+        return 0
+    if args.action == "evaluate":
+        import mlflow
+
+        from pipelines.registry import model_name
+
+        uri_model = args.model or f"models:/{model_name(spec.name)}@champion"
+        predictor = mlflow.pyfunc.load_model(uri_model).unwrap_python_model().predictor
+        result = spec.evaluate(predictor, _load_config(spec, args.config))
+        print(f"protocol: {result.protocol}")
+        _print_table([{"metric": k, "value": round(v, 4)} for k, v in result.metrics.items()])
+        return 0
+    if args.action == "score":
+        from pipelines.registry import model_name
+
+        return _score(args, default_model=f"models:/{model_name(spec.name)}@champion")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
