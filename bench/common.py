@@ -64,6 +64,14 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, reps: int = 10) -> dict[str,
     }
 
 
+def _command() -> str:
+    """How to rerun this: ``python -m bench.<script> args`` from the project root."""
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" and script.parent.name == "bench":
+        return " ".join(["python -m bench." + script.stem, *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def record(
     area: str,
     key: str,
@@ -80,7 +88,7 @@ def record(
         "value": value,
         "machine": machine(),
         "date": dt.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "details": details or {},
     }
     data[key] = entry

@@ -43,7 +43,6 @@ class LMBench(nn.Module):
 
 def active_matmul_params(model: LMBench) -> int:
     """Matmul parameters a token touches: dense weights + k/E of routed experts + head."""
-    cfg = model.backbone_config if hasattr(model, "backbone_config") else None  # noqa: F841
     total = 0
     for name, p in model.named_parameters():
         if p.ndim < 2 or name.startswith("embed"):
@@ -90,6 +89,7 @@ def train_run(
     compile_: bool,
     lr: float = 3e-4,
     seed: int = 0,
+    profile: bool = False,
 ) -> RunResult:
     dev = next(model.parameters()).device.type
     cuda = dev == "cuda"
@@ -115,6 +115,26 @@ def train_run(
             sync()  # whole optimizer steps are timed: per-step sync costs <1% at these sizes
             times.append((time.perf_counter() - t0) * 1e3)
     sync()
+    if profile and cuda:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                ids, target = make_batch(vocab, batch, seq, dev, gen)
+                with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = nn.functional.cross_entropy(
+                        fn(ids).float().view(-1, vocab), target.view(-1)
+                    )
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=18, max_name_column_width=70
+            )
+        )
     times.sort()
     step_ms = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
@@ -140,6 +160,28 @@ def cmd_mfu(args: argparse.Namespace) -> None:
             n_dense_layers=1,
         ),
     }
+    dense_attn = AttentionConfig(n_heads=16, gated=False, top_k=None)
+    moe_cfg = MoEConfig(n_routed_experts=64, top_k=6, n_shared_experts=2, expert_hidden=512)
+    # Diagnostics: one component at a time, to see where MoE+DGA loses against dense.
+    variants["mfu_diag_moe_only"] = BackboneConfig(
+        d_model=d, n_layers=L, ffn_hidden=4096, attention=dense_attn, moe=moe_cfg, n_dense_layers=1
+    )
+    variants["mfu_diag_dga_gated_only"] = BackboneConfig(
+        d_model=d,
+        n_layers=L,
+        ffn_hidden=4096,
+        attention=AttentionConfig(n_heads=16, gated=True),
+        moe=None,
+    )
+    variants["mfu_diag_dga_topk_only"] = BackboneConfig(
+        d_model=d,
+        n_layers=L,
+        ffn_hidden=4096,
+        attention=AttentionConfig(n_heads=16, gated=True, top_k=args.top_k),
+        moe=None,
+    )
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants}
     for key, cfg in variants.items():
         torch.manual_seed(0)
         model = LMBench(cfg, vocab).to(DEVICE)
@@ -198,6 +240,9 @@ def cmd_fp8(args: argparse.Namespace) -> None:
             moe=None,
         )
         runs = {}
+        # Below the filter's size floor the default converts nothing (FP8 == bf16); we then
+        # force FP8 on every 16-aligned linear to show what it would cost there.
+        default_converts = min(d, ffn) >= args.min_features
         modes = ["bf16", "fp8"] + (["fp32"] if d == 2048 else [])
         for mode in modes:
             torch.manual_seed(0)
@@ -206,7 +251,8 @@ def cmd_fp8(args: argparse.Namespace) -> None:
             if mode in ("bf16", "fp8"):
                 model = model.to(torch.bfloat16)  # bf16-true, as the FP8 recipe runs
             if mode == "fp8":
-                flt = Float8LinearFilter(min_features=args.min_features, exclude=("head",))
+                floor = args.min_features if default_converts else 16
+                flt = Float8LinearFilter(min_features=floor, exclude=("head",))
                 n_fp8 = len(convert_to_float8(model, "torchao", flt))
             # fp32 is only the memory reference: fewer steps
             steps = args.steps if mode != "fp32" else 5
@@ -276,6 +322,10 @@ def main() -> None:
     m.add_argument("--top-k", type=int, default=64)
     m.add_argument("--no-compile", action="store_true")
     m.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes")
+    m.add_argument("--variants", nargs="*", default=None, help="subset of variant keys to run")
+    m.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of each variant"
+    )
     f = sub.add_parser("fp8")
     f.add_argument("--widths", nargs="*", default=["2048:8192", "1024:4096", "512:2048"])
     f.add_argument("--layers", type=int, default=4)

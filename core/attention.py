@@ -31,7 +31,11 @@ Paths:
 * ``top_k is None`` (or ``top_k >= T``, where top-k keeps every key): one call of
   ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels), gates applied to
   its per-head output afterwards. With gates off this is plain attention.
-* top-k: queries are processed in chunks of ``cfg.query_chunk_size``. For each chunk the
+* top-k, ``topk_impl="mask"`` (the default while the [B, H, T, T] mask fits
+  ``cfg.mask_budget``): a no-grad pass forms the logits and keeps each query's k largest as
+  a boolean graph; fused SDPA then runs with that graph as its mask. No gather, tensor
+  cores throughout; the per-layer cost over plain attention is one extra QK^T and a topk.
+* top-k, ``topk_impl="gather"`` (long inputs): queries are processed in chunks of ``cfg.query_chunk_size``. For each chunk the
   logits [B, H, C, T] are formed, ``topk`` picks k per query, softmax runs over the k kept
   logits only, and the k value rows are gathered. Memory: the kept weights and indices
   are O(B*H*T*k); the logits of one chunk, O(B*H*C*T), bound the peak, so memory no longer
@@ -109,6 +113,35 @@ def topk_attention(
     return out_BHTd, torch.cat(weights, dim=2), torch.cat(indices, dim=2)
 
 
+@torch.no_grad()
+def topk_graph_mask(
+    q_BHTd: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    top_k: int,
+    key_pad_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-input sparse graph as a boolean mask [B, H, T, S]: True = query keeps key.
+
+    Selection needs no gradient (top-k is piecewise constant in the logits), so the logits
+    are formed once without autograd; the attention itself then runs in fused SDPA with
+    this mask, whose gradient w.r.t. q and k flows through the kept logits exactly as in
+    the gather formulation. Keys tied with a query's k-th logit are all kept (measure-zero
+    for float32 logits; possible in bf16). Padding keys are never kept unless a row has
+    fewer than ``top_k`` real keys (then they enter with logit -inf, i.e. weight 0).
+    """
+    scale = 1.0 / math.sqrt(q_BHTd.shape[-1])
+    logits_BHTS = torch.matmul(q_BHTd, k_BHSd.transpose(-2, -1)) * scale
+    if key_pad_BS is not None:
+        logits_BHTS = logits_BHTS.masked_fill(key_pad_BS[:, None, None, :], float("-inf"))
+    k = min(top_k, logits_BHTS.shape[-1])
+    # unsorted top-k is enough: only the smallest kept logit (the threshold) is needed
+    kth_BHT1 = logits_BHTS.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    keep_BHTS = logits_BHTS >= kth_BHT1
+    if key_pad_BS is not None:
+        keep_BHTS = keep_BHTS & ~key_pad_BS[:, None, None, :]
+    return keep_BHTS
+
+
 class DynamicGraphAttention(nn.Module):
     """Gated multi-head self-attention with optional per-query top-k key selection.
 
@@ -159,6 +192,12 @@ class DynamicGraphAttention(nn.Module):
     def _uses_topk(self, seq_len: int) -> bool:
         return self.cfg.top_k is not None and self.cfg.top_k < seq_len
 
+    def _topk_impl(self, batch: int, seq_len: int) -> str:
+        if self.cfg.topk_impl != "auto":
+            return self.cfg.topk_impl
+        fits = batch * self.n_heads * seq_len * seq_len <= self.cfg.mask_budget
+        return "mask" if fits else "gather"
+
     def forward(
         self,
         x_BTD: torch.Tensor,
@@ -169,7 +208,12 @@ class DynamicGraphAttention(nn.Module):
         q_BHTd, k_BHTd, v_BHTd = self._project(x_BTD)
         key_pad_BT = _effective_key_padding(padding_mask_BT)
         dropout_p = self.cfg.dropout if self.training else 0.0
-        if self._uses_topk(T):
+        if self._uses_topk(T) and self._topk_impl(B, T) == "mask":
+            keep_BHTS = topk_graph_mask(q_BHTd, k_BHTd, self.cfg.top_k, key_pad_BT)
+            o_BHTd = F.scaled_dot_product_attention(
+                q_BHTd, k_BHTd, v_BHTd, attn_mask=keep_BHTS, dropout_p=dropout_p
+            )
+        elif self._uses_topk(T):
             o_BHTd, _, _ = topk_attention(
                 q_BHTd,
                 k_BHTd,

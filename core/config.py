@@ -36,12 +36,22 @@ class AttentionConfig:
     qk_norm: bool = False
     gate_bias_init: float = 0.0
     query_chunk_size: int = 1024
+    # "mask": select the top-k keys with a no-grad pass over the logits, then run fused SDPA
+    # with that boolean graph as its mask (tensor cores, no gather; O(B*H*T^2) bits of mask).
+    # "gather": chunked top-k + gather of the k value rows (O(B*H*T*k) memory; long inputs).
+    # "auto": "mask" while the mask stays under ``mask_budget`` elements, else "gather".
+    topk_impl: str = "auto"
+    mask_budget: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.n_heads < 1:
             raise ValueError(f"attention.n_heads must be >= 1, got {self.n_heads}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"attention.top_k must be None or >= 1, got {self.top_k}")
+        if self.topk_impl not in ("auto", "mask", "gather"):
+            raise ValueError(
+                f"attention.topk_impl must be auto, mask or gather, got {self.topk_impl!r}"
+            )
         if self.query_chunk_size < 1:
             raise ValueError(
                 f"attention.query_chunk_size must be >= 1, got {self.query_chunk_size}"

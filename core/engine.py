@@ -654,7 +654,9 @@ def predict(
 
     Without ``trainer`` one is built from ``trainer_cfg`` (default: a plain ``TrainerConfig``)
     on one device, without logger, checkpoints, progress bar or seeding, so the returned
-    rows are all rows, in order.
+    rows are all rows, in order. Pass the training run's ``TrainerConfig`` when it used a
+    ``*-true`` or FP8 precision: the weights are then bf16 and the inputs must be cast to
+    match, which only the same precision plugin does.
     """
     if trainer is None:
         base = trainer_cfg or TrainerConfig()

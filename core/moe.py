@@ -239,17 +239,19 @@ class MoEFeedForward(nn.Module):
         )
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         x_MD = x_ND.to(dt)[token_M]
-        w1 = self.w1_EFD.to(dt).transpose(-2, -1)  # [E, D, F] column-major view
-        w3 = self.w3_EFD.to(dt).transpose(-2, -1)
-        w2 = self.w2_EDF.to(dt).transpose(-2, -1)  # [E, F, D]
-        h_MF = F.silu(GROUPED_MM(x_MD, w1, offs=offs_E)) * GROUPED_MM(x_MD, w3, offs=offs_E)
-        y_MD = GROUPED_MM(h_MF, w2, offs=offs_E)
-        # Un-permute (inverse of the sort) and weight-sum the k slots of each token.
+        # w1 and w3 run as ONE grouped matmul of width 2F: twice the work per launch and
+        # one read of x_MD instead of two, which matters at fine-grained expert widths.
+        w13 = torch.cat([self.w1_EFD, self.w3_EFD], dim=1).to(dt).transpose(-2, -1)  # [E, D, 2F]
+        w2 = self.w2_EDF.to(dt).transpose(-2, -1)  # [E, F, D] column-major view
+        h1_MF, h3_MF = GROUPED_MM(x_MD, w13, offs=offs_E).split(self.expert_hidden, dim=-1)
+        y_MD = GROUPED_MM(F.silu(h1_MF) * h3_MF, w2, offs=offs_E)
+        # Un-permute (inverse of the sort) and weight-sum the k slots of each token; bmm
+        # accumulates in fp32 and rounds once, without an fp32 copy of the [N, K, D] outputs.
         inv_M = torch.empty_like(order_M).scatter_(
             0, order_M, torch.arange(order_M.numel(), device=order_M.device)
         )
         y_NKD = y_MD[inv_M].view(N, K, D)
-        return torch.einsum("nk,nkd->nd", combine_NK, y_NKD.float())
+        return torch.bmm(combine_NK.unsqueeze(1).to(y_NKD.dtype), y_NKD).squeeze(1)
 
     def _routed_dense(
         self, x_ND: torch.Tensor, idx_NK: torch.Tensor, combine_NK: torch.Tensor

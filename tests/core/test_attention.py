@@ -185,3 +185,25 @@ def test_bad_config_is_rejected() -> None:
         DynamicGraphAttention(10, AttentionConfig(n_heads=4))
     with pytest.raises(ValueError, match="top_k"):
         AttentionConfig(top_k=0)
+
+
+@pytest.mark.parametrize("impl", ["mask", "gather"])
+@pytest.mark.parametrize("top_k", [1, 3, 7])
+def test_both_topk_implementations_match_reference_and_each_other(impl: str, top_k: int) -> None:
+    """The fused-SDPA mask path and the gather path compute the same sparse-graph attention."""
+    m = _attn(gated=True, top_k=top_k, topk_impl=impl)
+    x, pad = _inputs()
+    x.requires_grad_(True)
+    for mask in (None, pad):
+        out, _ = m(x, mask)
+        ref, _ = attention_reference(m, x, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        (g_out,) = torch.autograd.grad(out.square().sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_topk_impl_switches_to_gather_past_the_mask_budget() -> None:
+    m = _attn(top_k=3, mask_budget=3 * H * T * T)
+    assert m._topk_impl(3, T) == "mask"
+    assert m._topk_impl(4, T) == "gather"

@@ -136,7 +136,11 @@ def _free_port() -> int:
 
 
 def test_counts_are_summed_over_ranks_before_the_update(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imported modules instead of re-importing torch and
+    # lightning (seconds each); they run single-threaded, so the parent's OpenMP pool is moot.
+    mp.start_processes(
+        _rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
 

@@ -1,0 +1,209 @@
+"""Configuration of the fraud app: one YAML-round-tripping dataclass per concern.
+
+``FraudConfig`` names the dataset (a shipped schema or a schema YAML, plus the data
+path), the evaluation protocol (handbook train/delay/test blocks or the ULB time-fraction
+split), the features, the backbone, the head (history length, imbalance handling,
+calibration), the optimizer and trainer, the alert-threshold policy and the LightGBM
+baseline. Ship files live in ``apps/fraud/configs/`` (``demo.yaml``, ``ulb.yaml``,
+``handbook.yaml``) and load with :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from apps.fraud.errors import FraudConfigError
+from apps.fraud.features import FeatureConfig
+from core.config import AttentionConfig, BackboneConfig, MoEConfig
+from core.configio import YamlConfig
+from core.engine import TrainerConfig
+from core.optim import OptimConfig
+
+PROTOCOLS = ("handbook", "time_fraction")
+THRESHOLD_RULES = ("alert_budget", "cost")
+CALIBRATIONS = ("platt", "isotonic", "none")
+LOSSES = ("bce", "focal")
+
+
+@dataclass
+class ProtocolConfig:
+    """How rows are split (see ``apps.fraud.splits``).
+
+    ``handbook``: train ``[train_start, +train_days)`` whose last ``valid_days`` validate,
+    then ``delay_days`` (labels unknown: unused), then ``test_days``; known-compromised
+    cards are removed from test days. ``time_fraction`` (ULB): the first ``train_frac`` of
+    the time range trains (its last ``valid_frac`` validates), the rest tests.
+    ``card_precision_k``: the k of Card Precision@k per day (100 on the handbook set).
+    """
+
+    kind: str = "handbook"
+    train_start: str | int = 0
+    train_days: int = 7
+    valid_days: int = 2
+    delay_days: int = 7
+    test_days: int = 7
+    train_frac: float = 0.7
+    valid_frac: float = 0.2
+    card_precision_k: int = 100
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROTOCOLS:
+            raise FraudConfigError(f"protocol.kind must be one of {PROTOCOLS}, got {self.kind!r}")
+
+
+@dataclass
+class HeadConfig:
+    """Everything of the fraud model outside the shared backbone.
+
+    ``history_len``: earlier transactions of the same card fed as extra tokens (0 = off;
+    ignored for schemas without a card column). ``pos_weight``: BCE weight of frauds;
+    ``"sqrt"`` = sqrt(n_legit / n_fraud) of the (sub-sampled) training rows, a float, or
+    ``None``. ``neg_sample_rate``: keep this share of legitimate training rows (all frauds
+    kept); calibration on the full validation block restores true probabilities.
+    ``calibration``: ``platt`` (logistic on the logit; monotone, keeps the ranking and so
+    PR-AUC), ``isotonic`` (may tie scores) or ``none``. ``n_reasons``: features listed per alert.
+    """
+
+    history_len: int = 8
+    loss: str = "bce"
+    pos_weight: float | str | None = "sqrt"
+    focal_gamma: float = 2.0
+    neg_sample_rate: float = 1.0
+    calibration: str = "platt"
+    batch_size: int = 256
+    dropout: float = 0.1
+    n_reasons: int = 3
+
+    def __post_init__(self) -> None:
+        if self.history_len < 0:
+            raise FraudConfigError(f"head.history_len must be >= 0, got {self.history_len}")
+        if self.loss not in LOSSES:
+            raise FraudConfigError(f"head.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise FraudConfigError(
+                f"head.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"
+            )
+        if isinstance(self.pos_weight, str) and self.pos_weight != "sqrt":
+            raise FraudConfigError(
+                f"head.pos_weight must be 'sqrt', a number or null, got {self.pos_weight!r}"
+            )
+        if not 0 < self.neg_sample_rate <= 1:
+            raise FraudConfigError(
+                f"head.neg_sample_rate must be in (0, 1], got {self.neg_sample_rate}"
+            )
+
+
+@dataclass
+class ThresholdConfig:
+    """Operating point, chosen on the validation block only (``apps.fraud.thresholds``).
+
+    ``alert_budget``: the lowest threshold whose mean alerts per validation day fit
+    ``alerts_per_day``; ``cost``: minimise missed fraud amount + ``alert_cost`` per alert.
+    """
+
+    rule: str = "alert_budget"
+    alerts_per_day: float = 100.0
+    alert_cost: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in THRESHOLD_RULES:
+            raise FraudConfigError(
+                f"threshold.rule must be one of {THRESHOLD_RULES}, got {self.rule!r}"
+            )
+
+
+@dataclass
+class BaselineConfig:
+    """LightGBM baseline (``apps.fraud.baseline.LightGBMBaseline``) on the same features."""
+
+    enabled: bool = True
+    n_estimators: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    early_stopping_rounds: int = 50
+
+
+def _small_backbone() -> BackboneConfig:
+    return BackboneConfig(
+        d_model=64,
+        n_layers=2,
+        ffn_hidden=128,
+        attention=AttentionConfig(n_heads=4, gated=True, top_k=None),
+        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=64),
+        n_dense_layers=1,
+        dropout=0.1,
+    )
+
+
+@dataclass
+class FraudConfig(YamlConfig):
+    """One fraud training run. ``data_path=None`` reads the schema's ``default_path``;
+    ``history_path`` (optional) is prepended to files scored by the predictor so that
+    per-card history features see the days before the file (see ``predictor.py``)."""
+
+    schema: str = "synthetic"
+    data_path: str | None = None
+    history_path: str | None = None
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: BackboneConfig = field(default_factory=_small_backbone)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.01)
+    )
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(
+            max_epochs=4,
+            precision="32",
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=20,
+        )
+    )
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["model"] = self.model.to_dict()
+        data["optim"] = self.optim.to_dict()
+        data["trainer"] = self.trainer.to_dict()
+        return _plain_tuples(data)
+
+
+def _plain_tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain_tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tuples(v) for v in value]
+    return value
+
+
+def config_path(name: str) -> Path:
+    """Path of a shipped config (``demo``, ``ulb``, ``handbook``)."""
+    res = resources.files("apps.fraud").joinpath("configs", f"{name}.yaml")
+    return Path(str(res))
+
+
+def load_config(name_or_path: str | Path) -> FraudConfig:
+    """A shipped config by name or a YAML path; unknown keys raise naming the file."""
+    text = str(name_or_path)
+    path = Path(text) if text.endswith((".yaml", ".yml")) else config_path(text)
+    if not path.exists():
+        raise FraudConfigError(f"fraud config {path} not found")
+    try:
+        return FraudConfig.from_yaml(path)
+    except FraudConfigError as err:
+        raise FraudConfigError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise FraudConfigError(f"{path}: {err}") from None
+
+
+def demo_config() -> FraudConfig:
+    return load_config("demo")

@@ -1,0 +1,322 @@
+"""Train and evaluate the fraud model and its LightGBM baseline under one protocol.
+
+One pass, shared by the app spec, the notebook estimator and the benchmark (which must
+run without MLflow, so nothing here imports it):
+
+1. load + validate the transactions (``readers``), split by time (``splits``): handbook
+   train/valid/delay/test blocks or the ULB time-fraction split;
+2. fit features on TRAINING rows, compute them once over the chronological frame;
+3. train the backbone (legitimate training rows optionally sub-sampled), calibrate on the
+   VALIDATION block, choose the alert threshold on the VALIDATION block;
+4. fit LightGBM on the same features and split (early stopping on validation);
+5. score the TEST block only now, with metrics of the official protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+import lightning as L
+import numpy as np
+import polars as pl
+
+from apps.fraud.baseline import LightGBMBaseline, stack_features
+from apps.fraud.calibration import apply_calibration, fit_calibration
+from apps.fraud.config import FraudConfig
+from apps.fraud.errors import FraudDataError
+from apps.fraud.inputs import InputBuilder, ModelInputs, canonical_frame, history_feature_names
+from apps.fraud.metrics import card_precision_at_k_daily, fraud_metrics
+from apps.fraud.model import FraudModel, loader, predict_logits
+from apps.fraud.predictor import FraudPredictor, raw_input_columns
+from apps.fraud.readers import load_transactions
+from apps.fraud.schema import TS, FraudSchema, load_schema
+from apps.fraud.splits import TimeSplit, time_fraction_split, train_delay_test_split
+from apps.fraud.thresholds import threshold_for_alert_budget, threshold_for_cost
+from core.engine import build_trainer, seed_everything
+from core.spec import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """The chronological frame (restricted to what the protocol reads) and its split."""
+
+    schema: FraudSchema
+    frame: pl.DataFrame  # canonical, time-sorted, with _ts and the label
+    raw: pl.DataFrame  # same rows, the raw input columns as read (for input examples)
+    split: TimeSplit
+    y: np.ndarray
+    days: np.ndarray
+    cards: np.ndarray | None
+    fingerprint: str
+
+
+@dataclass
+class FitOutput:
+    predictor: FraudPredictor
+    data: PreparedData
+    inputs: ModelInputs
+    evaluation: EvalResult
+    baseline: LightGBMBaseline | None
+    threshold_rows: np.ndarray  # rows the threshold and calibration were chosen on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def protocol_split(frame: pl.DataFrame, schema: FraudSchema, cfg: FraudConfig) -> TimeSplit:
+    p = cfg.protocol
+    if p.kind == "handbook":
+        return train_delay_test_split(
+            frame,
+            schema,
+            p.train_start,
+            train_days=p.train_days,
+            delay_days=p.delay_days,
+            test_days=p.test_days,
+            valid_days=p.valid_days,
+        )
+    return time_fraction_split(frame, train_frac=p.train_frac, valid_frac=p.valid_frac)
+
+
+def _fingerprint(frame: pl.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([(c, str(t)) for c, t in frame.schema.items()]).encode())
+    h.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_data(cfg: FraudConfig) -> PreparedData:
+    """Read, validate and split; for the handbook protocol keep only the days the split
+    and its features' history windows read (``FeatureConfig.history_days``)."""
+    schema = load_schema(cfg.schema)
+    path = schema.resolve_path(cfg.data_path)
+    keep = [*raw_input_columns(schema), schema.label_column]
+    full = load_transactions(path, schema, columns=keep)
+    if cfg.protocol.kind == "handbook":
+        split0 = protocol_split(full, schema, cfg)
+        start, end = split0.bounds["train"][0], split0.bounds["test"][1]
+        lo = start - timedelta(days=math.ceil(cfg.features.history_days()))
+        days = full.get_column(TS).dt.date()
+        full = full.filter((days >= lo) & (days < end))
+    raw = full.select([*[c for c in keep if c in full.columns], TS])
+    frame = canonical_frame(raw.drop(schema.time_column), schema)
+    split = protocol_split(frame, schema, cfg)
+    y = frame.get_column(schema.label_column).to_numpy().astype(np.int64)
+    days = frame.get_column(TS).dt.date().to_numpy()
+    cards = frame.get_column(schema.card_column).to_numpy() if schema.card_column else None
+    return PreparedData(schema, frame, raw, split, y, days, cards, _fingerprint(frame))
+
+
+def _train_rows(data: PreparedData, rate: float, seed: int) -> np.ndarray:
+    """All training frauds plus a seeded share ``rate`` of legitimate training rows."""
+    idx = data.split.train
+    if rate >= 1:
+        return idx
+    rng = np.random.default_rng(seed)
+    keep = (data.y[idx] == 1) | (rng.random(len(idx)) < rate)
+    return idx[keep]
+
+
+class _DataModule(L.LightningDataModule):
+    def __init__(self, train: dict, valid: dict, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train, self.valid, self.bs, self.seed = train, valid, batch_size, seed
+
+    def train_dataloader(self):
+        return loader(self.train, self.bs, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self):
+        return loader(self.valid, max(self.bs, 1024), shuffle=False)
+
+
+def choose_threshold(
+    cfg: FraudConfig, scores: np.ndarray, y: np.ndarray, days: np.ndarray, amounts: np.ndarray
+) -> tuple[float, str]:
+    t = cfg.threshold
+    if t.rule == "alert_budget":
+        c = threshold_for_alert_budget(scores, days, t.alerts_per_day)
+    else:
+        c = threshold_for_cost(scores, y, amounts, t.alert_cost)
+    return float(c.threshold), c.rule
+
+
+def protocol_text(cfg: FraudConfig, data: PreparedData) -> str:
+    k = cfg.protocol.card_precision_k
+    cp = f"; Card Precision@{k} per day (handbook)" if data.cards is not None else ""
+    return (
+        f"fraud/{data.schema.name}: {data.split.protocol}. Features fitted on training rows "
+        f"only; calibration ({cfg.head.calibration}) and the alert threshold "
+        f"({cfg.threshold.rule}) chosen on the validation block only; metrics on the test "
+        f"block: PR-AUC (average precision), ROC-AUC, recall at precision 0.9, recall at 1% "
+        f"FPR{cp}, alerts per day at the validation threshold. LightGBM baseline on the same "
+        "features and split (metrics prefixed baseline/)."
+    )
+
+
+def score_metrics(
+    cfg: FraudConfig, data: PreparedData, rows: np.ndarray, scores: np.ndarray, threshold: float
+) -> dict[str, float]:
+    y = data.y[rows]
+    cards = data.cards[rows] if data.cards is not None else None
+    days = data.days[rows]
+    m = fraud_metrics(
+        y,
+        scores,
+        cards=cards,
+        days=days,
+        k=cfg.protocol.card_precision_k,
+        threshold=threshold,
+    )
+    if "alerts_per_day" not in m:
+        m["alerts_per_day"] = float(
+            pl.DataFrame({"d": days, "a": scores >= threshold}).group_by("d").agg(pl.col("a").sum())["a"].mean()
+        )
+    m["recall_at_alert_budget"] = m["recall_at_threshold"]
+    return m
+
+
+def _build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudModel:
+    return FraudModel(
+        cfg.model,
+        cfg.optim,
+        n_numeric=len(ib.feature_columns.numeric),
+        cat_cardinalities=ib.cat_cardinalities,
+        n_hist_features=len(history_feature_names(ib.schema)) if ib.history_len else 0,
+        history_len=ib.history_len,
+        loss=cfg.head.loss,
+        pos_weight=pos_weight,
+        focal_gamma=cfg.head.focal_gamma,
+        head_dropout=cfg.head.dropout,
+    )
+
+
+def fit(
+    cfg: FraudConfig,
+    data: PreparedData | None = None,
+    logger: Any = False,
+    device: str | None = None,
+) -> FitOutput:
+    """Train model + baseline on ``cfg`` (see the module docstring); test metrics inside."""
+    data = data or load_data(cfg)
+    split, schema = data.split, data.schema
+    if len(split.valid) == 0:
+        raise FraudDataError(
+            "the protocol leaves no validation rows (protocol.valid_days / valid_frac); "
+            "calibration and the threshold need them"
+        )
+    seed_everything(cfg.seed)
+    ib = InputBuilder(schema, cfg.features, cfg.head.history_len)
+    ib.fit(data.frame[split.train], context=data.frame, train_rows=split.train)
+    mi = ib.fitted_inputs_
+
+    rows = _train_rows(data, cfg.head.neg_sample_rate, cfg.seed)
+    n_pos = int(data.y[rows].sum())
+    if n_pos == 0:
+        raise FraudDataError(f"no fraud in the {len(rows)} training rows; cannot train")
+    pw = cfg.head.pos_weight
+    pos_weight = math.sqrt((len(rows) - n_pos) / n_pos) if pw == "sqrt" else float(pw or 1.0)
+    train = {**mi.take(rows), "y": data.y[rows]}
+    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
+
+    trainer_cfg = cfg.trainer
+    if device is not None:
+        trainer_cfg = replace(trainer_cfg, accelerator=device)
+    trainer_cfg = replace(trainer_cfg, seed=cfg.seed)
+    trainer = build_trainer(trainer_cfg, logger=logger)
+    model = _build_model(cfg, ib, pos_weight)
+    trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
+    model = model.float().cpu() if device not in (None, "cpu") else model
+
+    # Calibration and threshold: validation rows only.
+    val_logits = predict_logits(model, mi.take(split.valid))
+    calib = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
+    val_scores = apply_calibration(val_logits, calib)
+    amounts = data.frame.get_column(schema.amount_column).to_numpy()
+    threshold, rule = choose_threshold(
+        cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
+    )
+    predictor = FraudPredictor(
+        model,
+        ib,
+        calib,
+        {"alert": threshold},
+        {"n_reasons": cfg.head.n_reasons, "history_path": cfg.history_path, "rule": rule},
+    )
+
+    baseline = None
+    base_scores = None
+    base_thr = None
+    if cfg.baseline.enabled:
+        x, cat = stack_features(mi.x_raw, mi.x_cat)
+        baseline = LightGBMBaseline(
+            n_estimators=cfg.baseline.n_estimators,
+            learning_rate=cfg.baseline.learning_rate,
+            num_leaves=cfg.baseline.num_leaves,
+            early_stopping_rounds=cfg.baseline.early_stopping_rounds,
+            random_state=cfg.seed,
+        ).fit(
+            x[split.train],
+            data.y[split.train],
+            eval_set=(x[split.valid], data.y[split.valid]),
+            categorical_feature=cat,
+        )
+        base_val = baseline.decision_function(x[split.valid])
+        base_thr, _ = choose_threshold(
+            cfg, base_val, data.y[split.valid], data.days[split.valid], amounts[split.valid]
+        )
+        base_scores = baseline.decision_function(x[split.test])
+
+    evaluation = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr)
+    return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, {"pos_weight": pos_weight})
+
+
+def evaluate_inputs(
+    cfg: FraudConfig,
+    data: PreparedData,
+    predictor: FraudPredictor,
+    mi: ModelInputs,
+    base_scores: np.ndarray | None = None,
+    base_threshold: float | None = None,
+    figures: bool = True,
+) -> EvalResult:
+    """Test-block metrics of ``predictor`` (and of the baseline's test scores if given)."""
+    test = data.split.test
+    _, scores = predictor.score_inputs(mi.take(test))
+    metrics = score_metrics(cfg, data, test, scores, predictor.threshold)
+    tables: dict[str, Any] = {}
+    if data.cards is not None:
+        daily = card_precision_at_k_daily(
+            scores, data.y[test], data.cards[test], data.days[test], cfg.protocol.card_precision_k
+        )
+        tables["card_precision_daily"] = daily.to_pandas()
+    curves = {"backbone": scores}
+    thr = {"backbone": predictor.threshold}
+    if base_scores is not None:
+        bm = score_metrics(cfg, data, test, base_scores, base_threshold)
+        metrics.update({f"baseline/{k}": v for k, v in bm.items() if k not in ("n", "fraud_rate")})
+        curves["lightgbm"] = base_scores
+        thr["lightgbm"] = base_threshold
+    figs = {}
+    if figures:
+        from apps.fraud.plots import pr_curves_figure
+
+        figs["pr_curve"] = pr_curves_figure(
+            data.y[test], curves, title=f"Precision-recall, {data.schema.name} test", thresholds=thr
+        )
+    return EvalResult(metrics=metrics, protocol=protocol_text(cfg, data), figures=figs, tables=tables)
+
+
+def evaluate_predictor(
+    predictor: FraudPredictor, cfg: FraudConfig, data: PreparedData | None = None
+) -> EvalResult:
+    """Re-evaluate a (possibly older) predictor on ``cfg``'s test block, features computed
+    with the predictor's own fitted state over the same chronological frame."""
+    data = data or load_data(cfg)
+    mi = predictor.inputs.transform(data.frame)
+    return evaluate_inputs(cfg, data, predictor, mi)

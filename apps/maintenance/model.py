@@ -1,0 +1,180 @@
+"""The RUL model: causal windows -> patch tokens + CLS -> backbone -> RUL and alarm heads.
+
+A window of the last ``W`` readings (``[B, W, C]``, left-padded early in life) becomes
+``W / patch_len`` patch tokens plus a CLS token (``core.adapters.PatchEmbed1d``). The heads
+read the CLS token together with the most recent patch token (the newest data says most
+about the current wear):
+
+* RUL head: regression on the piecewise-linear target ``min(RUL, cap) / cap`` (Huber or MSE;
+  scaled to [0, 1] so one learning rate fits any cap). Predictions are ``cap * output``.
+* alarm head: a logit for "failure within ``alarm_horizon``" (BCE on the *uncapped* truth),
+  an auxiliary task that sharpens the end of life, where alarms are decided.
+
+:func:`pretrain_masked` optionally pretrains adapter + backbone on unlabeled windows with
+``core.pretrain.MaskedTokenPretrainer`` reconstructing the *raw* patch values (a fixed target,
+so the adapter cannot collapse it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from core.adapters import PatchEmbed1d
+from core.backbone import BackboneOutput
+from core.engine import TaskModule
+from core.pretrain import MaskedTokenPretrainer
+
+
+class RULModel(TaskModule):
+    """PatchEmbed1d (CLS) -> Backbone -> [CLS, last patch] -> RUL head + alarm head.
+
+    ``forward(batch)`` returns ``[B, 2]``: column 0 the RUL in target units (0..1 ~ 0..cap),
+    column 1 the alarm logit. ``batch``: ``x`` [B, W, C] float, ``mask`` [B, W] bool (True =
+    padded step), and for the loss ``rul`` [B] (uncapped true RUL).
+    """
+
+    def __init__(
+        self,
+        backbone_config: Any,
+        optim_config: Any = None,
+        n_channels: int = 1,
+        window: int = 30,
+        patch_len: int = 5,
+        rul_cap: float = 125.0,
+        alarm_horizon: float = 30.0,
+        alarm_loss_weight: float = 0.2,
+        loss_kind: str = "huber",
+    ) -> None:
+        super().__init__(
+            backbone_config,
+            optim_config,
+            n_channels=n_channels,
+            window=window,
+            patch_len=patch_len,
+            rul_cap=rul_cap,
+            alarm_horizon=alarm_horizon,
+            alarm_loss_weight=alarm_loss_weight,
+            loss_kind=loss_kind,
+        )
+        if loss_kind not in ("huber", "mse"):
+            raise ValueError(f"loss_kind={loss_kind!r}: expected 'huber' or 'mse'")
+        d = self.backbone_config.d_model
+        self.window, self.patch_len = window, patch_len
+        self.rul_cap, self.alarm_horizon = float(rul_cap), float(alarm_horizon)
+        self.alarm_loss_weight, self.loss_kind = float(alarm_loss_weight), loss_kind
+        self.patch_embed = PatchEmbed1d(
+            n_channels, patch_len, d, max_patches=math.ceil(window / patch_len), cls_token=True
+        )
+        self.rul_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+        self.alarm_head = nn.Linear(2 * d, 1)
+
+    # ------------------------------------------------------------------ TaskModule API
+    def tokens(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return self.patch_embed.forward_with_mask(batch["x"], batch["mask"])
+
+    def head_forward(self, out: BackboneOutput, batch: dict[str, Tensor]) -> Tensor:
+        h_BD = torch.cat([out.last_hidden[:, 0], out.last_hidden[:, -1]], dim=-1)
+        return torch.cat([self.rul_head(h_BD), self.alarm_head(h_BD)], dim=-1)  # [B, 2]
+
+    def loss(self, preds: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        preds = preds.float()
+        target = batch["rul"].float().clamp(max=self.rul_cap) / self.rul_cap
+        if self.loss_kind == "huber":
+            reg = F.huber_loss(preds[:, 0], target, delta=0.1)
+        else:
+            reg = F.mse_loss(preds[:, 0], target)
+        fails_soon = (batch["rul"] <= self.alarm_horizon).float()
+        alarm = F.binary_cross_entropy_with_logits(preds[:, 1], fails_soon)
+        return reg + self.alarm_loss_weight * alarm
+
+    def val_metrics(self, preds: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        target = batch["rul"].float().clamp(max=self.rul_cap)
+        return {"mse_capped": ((self.rul(preds) - target) ** 2).mean()}
+
+    def rul(self, preds: Tensor) -> Tensor:
+        """Predicted RUL (cycles or time units) from ``forward``'s output."""
+        return preds[:, 0].float() * self.rul_cap
+
+    @torch.no_grad()
+    def predict_windows(
+        self, x_NWC: np.ndarray, mask_NW: np.ndarray, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(RUL [N], alarm probability [N]) for numpy windows, in eval mode, on the model's device."""
+        was_training = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        rul, prob = [], []
+        for i in range(0, len(x_NWC), batch_size):
+            batch = {
+                "x": torch.as_tensor(x_NWC[i : i + batch_size], device=dev),
+                "mask": torch.as_tensor(mask_NW[i : i + batch_size], device=dev),
+            }
+            out = self(batch)
+            rul.append(self.rul(out).cpu().numpy())
+            prob.append(torch.sigmoid(out[:, 1].float()).cpu().numpy())
+        self.train(was_training)
+        if not rul:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(rul).astype(np.float64), np.concatenate(prob).astype(np.float64)
+
+
+def pretrain_masked(
+    model: RULModel,
+    x_NWC: np.ndarray,
+    mask_NW: np.ndarray,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    mask_ratio: float = 0.3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[float]:
+    """Masked-patch pretraining of ``model.patch_embed`` + ``model.backbone`` on unlabeled
+    windows (labels are never read). Target: the raw patch values from ``patchify``.
+    Returns the mean loss of each epoch; the pretrainer's own mask token and decoder are
+    discarded afterwards (the fine-tuning heads start fresh)."""
+    if epochs <= 0 or len(x_NWC) == 0:
+        return []
+    pe = model.patch_embed
+    pre = MaskedTokenPretrainer(
+        model.backbone,
+        mask_ratio=mask_ratio,
+        target_dim=pe.patch_len * pe.n_channels,
+        n_prefix_tokens=1,
+    )
+    model.to(device)
+    pre.to(device)
+    params = {id(p): p for p in [*pe.parameters(), *pre.parameters()]}
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, m_all = torch.as_tensor(x_NWC), torch.as_tensor(mask_NW)
+    losses: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_all), generator=gen)
+        total, n = 0.0, 0
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            x_BLC, m_BL = x_all[idx].to(device), m_all[idx].to(device)
+            tokens_BTD, pad_BT = pe.forward_with_mask(x_BLC, m_BL)
+            target_BPK, _ = pe.patchify(x_BLC, m_BL)
+            loss, _ = pre(
+                tokens_BTD,
+                pad_BT,
+                target_BPK,
+                positions_BTD=pe.position_embeddings(x_BLC.shape[1]),
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        losses.append(total / max(n, 1))
+    return losses

@@ -1,0 +1,288 @@
+"""``MaintenancePredictor``: a sensor table in, one row per asset out (RUL now, alarm state).
+
+Scoring follows what an operator needs from a fleet snapshot: for each asset, from its
+history in the frame, the predicted RUL at its last reading, whether the alarm policy is
+firing at that reading, and when it first fired within the given history. Every reading is
+checked with the training :class:`SensorSchema` *per asset*: an asset whose readings are
+invalid (NaN or text in a sensor, duplicated or unsorted times beyond the configured repair)
+gets a row with ``reject_reason`` and null predictions; the other assets are scored. Nothing
+is dropped silently.
+
+``save`` writes only plain files: ``config.json`` (model hyperparameters, schema, normaliser
+statistics, alarm policy) and ``weights.pt`` (a ``state_dict``, loaded with
+``weights_only=True``). No pickle, so loading a registered model executes no stored code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from apps.maintenance._io import atomic_write_text
+from apps.maintenance.alarms import AlarmPolicy
+from apps.maintenance.errors import MaintenanceDataError
+from apps.maintenance.model import RULModel
+from apps.maintenance.preprocess import SensorNormalizer
+from apps.maintenance.schema import SensorSchema, validate_sensor_frame
+from apps.maintenance.windows import build_windows
+
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------ normaliser as plain data
+def normalizer_state(norm: SensorNormalizer) -> dict[str, Any]:
+    """A fitted :class:`SensorNormalizer` as JSON-able data (no sklearn object, no pickle)."""
+    state: dict[str, Any] = {
+        "setting_columns": list(norm.setting_columns_),
+        "kept_sensors": list(norm.kept_sensors_),
+        "dropped_sensors": list(norm.dropped_sensors_),
+        "n_conditions": int(norm.n_conditions_),
+        "mean": norm.mean_.tolist(),
+        "scale": norm.scale_.tolist(),
+        "condition_onehot": bool(norm.condition_onehot),
+        "method": "single",
+    }
+    if norm.kmeans_ is not None:
+        state |= {
+            "method": "kmeans",
+            "centers": norm.kmeans_.cluster_centers_.tolist(),
+            "setting_center": norm.setting_center_.tolist(),
+            "setting_scale": norm.setting_scale_.tolist(),
+            "remap": norm.cluster_remap_.tolist(),
+        }
+    elif norm.condition_table_ is not None:
+        state |= {
+            "method": "round",
+            "table": norm.condition_table_.tolist(),
+            "decimals": norm._decimals(len(norm.setting_columns_)),
+        }
+    return state
+
+
+def apply_normalizer(state: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame:
+    """Same result as the fitted ``SensorNormalizer.transform`` (nearest KMeans centroid on
+    standardised settings, or exact rounded-setting lookup), from :func:`normalizer_state`."""
+    n = len(frame)
+    if state["method"] == "single":
+        cond = np.zeros(n, dtype=np.int64)
+    else:
+        s = frame[state["setting_columns"]].to_numpy(np.float64)
+        if state["method"] == "kmeans":
+            z = (s - np.asarray(state["setting_center"])) / np.asarray(state["setting_scale"])
+            centers = np.asarray(state["centers"])
+            d2 = ((z[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+            cond = np.asarray(state["remap"])[d2.argmin(axis=1)].astype(np.int64)
+        else:
+            keys = np.stack(
+                [np.round(s[:, j], d) for j, d in enumerate(state["decimals"])], axis=1
+            )
+            lookup = {tuple(r): i for i, r in enumerate(np.asarray(state["table"]) + 0.0)}
+            cond = np.array([lookup.get(tuple(r), -1) for r in keys + 0.0], dtype=np.int64)
+            if (cond < 0).any():
+                r = int(np.argmax(cond < 0))
+                raise MaintenanceDataError(
+                    f"row {r}: settings {s[r].tolist()} are an operating condition not seen in training"
+                )
+    kept = state["kept_sensors"]
+    mean, scale = np.asarray(state["mean"]), np.asarray(state["scale"])
+    out = frame.drop(columns=[c for c in state["dropped_sensors"] if c in frame]).copy()
+    out[kept] = (frame[kept].to_numpy(np.float64) - mean[cond]) / scale[cond]
+    out["condition"] = cond
+    if state["condition_onehot"]:
+        for c in range(state["n_conditions"]):
+            out[f"condition_{c}"] = (cond == c).astype(np.float64)
+    return out
+
+
+def feature_names(state: dict[str, Any]) -> list[str]:
+    names = list(state["kept_sensors"])
+    if state["condition_onehot"]:
+        names += [f"condition_{c}" for c in range(state["n_conditions"])]
+    return names
+
+
+# ------------------------------------------------------------------------------ predictor
+class MaintenancePredictor:
+    """Per-asset RUL and alarm state from a sensor table (see module docstring).
+
+    ``input_columns``: asset id, time, setting columns, sensor columns (the schema's).
+    ``predict(frame)`` -> one row per asset: ``<asset>, rul, alarm, alarm_first_fired,
+    last_time, n_readings, p_fail_within_horizon, reject_reason``. ``predict_trajectory``
+    gives the same per reading. ``scoring_metadata`` tells batch scoring to keep an asset's
+    rows in one chunk.
+    """
+
+    def __init__(
+        self,
+        model: RULModel,
+        normalizer: dict[str, Any],
+        schema: SensorSchema,
+        policy: AlarmPolicy,
+        time_unit: str = "cycles",
+    ) -> None:
+        self.model = model.eval()
+        self.normalizer = normalizer
+        self.schema = schema
+        self.policy = policy
+        self.time_unit = time_unit
+        self.input_columns = [
+            schema.asset_column,
+            schema.time_column,
+            *schema.setting_columns,
+            *schema.sensor_columns,
+        ]
+        self.scoring_metadata = {"group_column": schema.asset_column}
+        self.thresholds = {
+            "alarm_rul_threshold": policy.horizon,
+            "alarm_consecutive_steps": policy.k,
+            "eval_horizon": model.alarm_horizon,
+        }
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hp = dict(self.model.hparams)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": {
+                "backbone_config": hp.pop("backbone_config"),
+                "optim_config": hp.pop("optim_config"),
+                **hp,
+            },
+            "normalizer": self.normalizer,
+            "schema": self.schema.to_dict(),
+            "policy": {"horizon": self.policy.horizon, "k": self.policy.k},
+            "time_unit": self.time_unit,
+        }
+        atomic_write_text(path / "config.json", json.dumps(config, indent=1))
+        tmp = path / ".weights.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
+        tmp.replace(path / "weights.pt")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaintenancePredictor:
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise MaintenanceDataError(
+                f"{path / 'config.json'}: format_version {cfg.get('format_version')}; expected {FORMAT_VERSION}"
+            )
+        model = RULModel(**cfg["model"])
+        state = torch.load(path / "weights.pt", weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+        return cls(
+            model,
+            cfg["normalizer"],
+            SensorSchema.from_dict(cfg["schema"]),
+            AlarmPolicy(float(cfg["policy"]["horizon"]), int(cfg["policy"]["k"])),
+            cfg.get("time_unit", "cycles"),
+        )
+
+    # ---------------------------------------------------------------- scoring
+    def _validate(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[Any, str], list[Any]]:
+        """Valid readings (sorted, repaired per schema), reasons per rejected asset, asset order."""
+        missing = [c for c in self.input_columns if c not in frame.columns]
+        if missing:
+            raise MaintenanceDataError(
+                f"input lacks column(s) {missing}; expected {self.input_columns}"
+            )
+        a = self.schema.asset_column
+        frame = frame[self.input_columns].reset_index(drop=True)
+        reasons: dict[Any, str] = {}
+        if frame[a].isna().any():
+            r = int(np.argmax(frame[a].isna().to_numpy()))
+            raise MaintenanceDataError(f"column {a!r}, row {r}: missing asset id")
+        order = list(pd.unique(frame[a]))
+        good = []
+        for asset, g in frame.groupby(a, sort=False):
+            try:
+                table = validate_sensor_frame(g, self.schema, source=f"asset {asset!r}")
+            except MaintenanceDataError as err:
+                reasons[asset] = str(err)
+                continue
+            if len(table.frame) == 0:
+                reasons[asset] = f"asset {asset!r}: no readings left after repairs"
+                continue
+            good.append(table.frame)
+        valid = pd.concat(good, ignore_index=True) if good else frame.iloc[:0]
+        return valid, reasons, order
+
+    def _trajectories(self, valid: pd.DataFrame) -> pd.DataFrame:
+        s = self.schema
+        if len(valid) == 0:
+            return pd.DataFrame(columns=[s.asset_column, s.time_column, "rul", "p_fail", "alarm"])
+        norm = apply_normalizer(self.normalizer, valid)
+        w = build_windows(
+            norm,
+            feature_names(self.normalizer),
+            self.model.window,
+            unit_column=s.asset_column,
+            time_column=s.time_column,
+            target_column=None,
+        )
+        rul, prob = self.model.predict_windows(w.x, w.mask)
+        traj = pd.DataFrame({s.asset_column: w.unit, s.time_column: w.time, "rul": rul})
+        traj["p_fail"] = prob
+        traj["alarm"] = np.zeros(len(traj), dtype=bool)
+        for _, idx in traj.groupby(s.asset_column, sort=False).indices.items():
+            traj.loc[traj.index[idx], "alarm"] = self.policy.firing(rul[idx])
+        if pd.api.types.is_datetime64_any_dtype(valid[s.time_column]):
+            traj[s.time_column] = traj[s.time_column].astype(valid[s.time_column].dtype)
+        return traj
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One row per asset, in the order assets first appear in ``frame``."""
+        s = self.schema
+        valid, reasons, order = self._validate(frame)
+        traj = self._trajectories(valid)
+        time_dtype = (
+            valid[s.time_column].dtype
+            if pd.api.types.is_datetime64_any_dtype(valid[s.time_column])
+            else np.dtype("float64")
+        )
+        rows = {}
+        for asset, g in traj.groupby(s.asset_column, sort=False):
+            fired = g[s.time_column][g["alarm"].to_numpy()]
+            rows[asset] = {
+                "rul": float(g["rul"].iloc[-1]),
+                "alarm": bool(g["alarm"].iloc[-1]),
+                "alarm_first_fired": fired.iloc[0] if len(fired) else None,
+                "last_time": g[s.time_column].iloc[-1],
+                "n_readings": int(len(g)),
+                "p_fail_within_horizon": float(g["p_fail"].iloc[-1]),
+            }
+        n = len(order)
+        out = pd.DataFrame({s.asset_column: pd.Series(order, dtype=frame[s.asset_column].dtype)})
+        out["rul"] = [rows[a]["rul"] if a in rows else np.nan for a in order]
+        out["alarm"] = pd.array([rows[a]["alarm"] if a in rows else None for a in order], "boolean")
+        for col in ("alarm_first_fired", "last_time"):
+            vals = [rows[a][col] if a in rows else None for a in order]
+            out[col] = pd.Series(
+                [np.nan if v is None else v for v in vals] if time_dtype.kind == "f" else vals,
+                dtype=time_dtype,
+            )
+        out["n_readings"] = [rows[a]["n_readings"] if a in rows else 0 for a in order]
+        out["p_fail_within_horizon"] = [
+            rows[a]["p_fail_within_horizon"] if a in rows else np.nan for a in order
+        ]
+        out["reject_reason"] = pd.Series([reasons.get(a) for a in order], dtype=object)
+        assert len(out) == n
+        return out
+
+    def predict_trajectory(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One row per valid reading (``rul``, ``alarm``, ``p_fail``) plus one row per rejected
+        asset carrying its ``reject_reason`` (time and predictions null)."""
+        s = self.schema
+        valid, reasons, _ = self._validate(frame)
+        traj = self._trajectories(valid)
+        traj["reject_reason"] = None
+        if reasons:
+            bad = pd.DataFrame({s.asset_column: list(reasons), "reject_reason": list(reasons.values())})
+            traj = pd.concat([traj, bad], ignore_index=True)
+        return traj

@@ -1,0 +1,304 @@
+"""Training and evaluation shared by the spec, the notebook estimator and the benchmark.
+
+No MLflow here (the GPU benchmark machine has none): tracking is the caller's business.
+
+Protocol in one place (every reported number names it in ``EvalResult.protocol``):
+
+* the normaliser and the model see only ``train`` units; Lightning validates on ``policy``
+  units;
+* the alarm policy (threshold on predicted RUL, k consecutive steps) is chosen on ``policy``
+  units only, under the false-alarm budget (:class:`AlarmPolicySelector`);
+* lead time, false alarms and Saxena's prognostic metrics are measured on ``lead`` units,
+  full run-to-failure units used for nothing else;
+* RMSE / PHM08: one prediction per ``test`` unit at its last observed reading, truth capped
+  at ``rul_cap`` and uncapped; alarm precision/recall on the same truncated units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from apps.maintenance.alarms import AlarmPolicy, AlarmPolicySelector
+from apps.maintenance.config import MaintenanceConfig
+from apps.maintenance.data import PreparedData, prepare_data
+from apps.maintenance.errors import AlarmBudgetError
+from apps.maintenance.metrics import (
+    cmapss_test_metrics,
+    lead_time_metrics,
+    prognostic_metrics,
+    trajectory_frame,
+    truncated_alarm_metrics,
+)
+from apps.maintenance.model import RULModel, pretrain_masked
+from apps.maintenance.predictor import (
+    MaintenancePredictor,
+    apply_normalizer,
+    feature_names,
+    normalizer_state,
+)
+from apps.maintenance.windows import WindowSet, build_windows
+from core.engine import build_trainer, seed_everything
+from core.spec import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+class _WindowDataset(Dataset):
+    def __init__(self, w: WindowSet) -> None:
+        self.x, self.mask = torch.as_tensor(w.x), torch.as_tensor(w.mask)
+        self.rul = torch.as_tensor(w.rul, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "mask": self.mask[i], "rul": self.rul[i]}
+
+
+@dataclass
+class FitOutput:
+    predictor: MaintenancePredictor
+    data: PreparedData
+    selector: AlarmPolicySelector | None
+    pretrain_losses: list[float] = field(default_factory=list)
+    known_limits: list[str] = field(default_factory=list)
+
+
+def split_windows(
+    predictor_or_state: MaintenancePredictor | dict[str, Any],
+    frame: pd.DataFrame,
+    window: int,
+    **kw: Any,
+) -> WindowSet:
+    """Causal windows of a prepared split, normalised with a predictor's stored statistics;
+    ``rul`` holds the *uncapped* truth."""
+    state = (
+        predictor_or_state.normalizer
+        if isinstance(predictor_or_state, MaintenancePredictor)
+        else predictor_or_state
+    )
+    return build_windows(
+        apply_normalizer(state, frame),
+        feature_names(state),
+        window,
+        unit_column="unit",
+        time_column="time",
+        target_column="rul_uncapped",
+        **kw,
+    )
+
+
+def time_unit_of(data: PreparedData) -> str:
+    return data.schema.time_unit if data.schema.time_kind == "timestamp" else "h"
+
+
+def choose_policy(
+    traj: pd.DataFrame, cfg: MaintenanceConfig, time_unit: str
+) -> tuple[AlarmPolicy, AlarmPolicySelector | None, list[str]]:
+    """Grid search on validation (policy) trajectories; if nothing meets the budget, the
+    lowest-false-alarm candidate is used and the breach is reported as a known limit."""
+    a = cfg.alarm
+    sel = AlarmPolicySelector(
+        eval_horizon=a.eval_horizon,
+        false_alarm_budget=a.false_alarm_budget,
+        horizons=a.horizons,
+        ks=a.ks,
+        time_unit=time_unit,
+    )
+    try:
+        sel.fit(traj)
+        return sel.best_policy_, sel, []
+    except AlarmBudgetError as err:
+        grid = sel.grid_
+        fa = grid["false_alarms_per_1000_healthy"].fillna(0.0)
+        best = grid.loc[fa.idxmin()]
+        msg = f"alarm budget not met on validation units: {err}"
+        log.warning(msg)
+        return AlarmPolicy(float(best["horizon"]), int(best["k"])), sel, [msg]
+
+
+def fit(
+    cfg: MaintenanceConfig,
+    logger: Any = False,
+    data: PreparedData | None = None,
+    device: str | None = None,
+) -> FitOutput:
+    """Prepare data, (pre)train the model, choose the alarm policy on validation units."""
+    seed_everything(cfg.seed)
+    data = data if data is not None else prepare_data(cfg)
+    state = normalizer_state(data.normalizer)
+    w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
+    w_val = split_windows(state, data.policy, cfg.window)
+    model = RULModel(
+        cfg.model,
+        cfg.optim,
+        n_channels=w_train.x.shape[2],
+        window=cfg.window,
+        patch_len=cfg.patch_len,
+        rul_cap=cfg.rul_cap,
+        alarm_horizon=cfg.alarm.eval_horizon,
+        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
+        loss_kind=cfg.loss,
+    )
+    losses: list[float] = []
+    if cfg.pretrain_epochs > 0:
+        dev = device or ("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+        losses = pretrain_masked(
+            model,
+            w_train.x,
+            w_train.mask,
+            cfg.pretrain_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.pretrain_lr,
+            mask_ratio=cfg.pretrain_mask_ratio,
+            seed=cfg.seed,
+            device=dev,
+        )
+        model.cpu()
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_dl = DataLoader(
+        _WindowDataset(w_train), batch_size=cfg.batch_size, shuffle=True, generator=g
+    )
+    val_dl = DataLoader(_WindowDataset(w_val), batch_size=max(cfg.batch_size, 512))
+    trainer = build_trainer(cfg.trainer, logger=logger)
+    trainer.fit(model, train_dl, val_dl)
+    model = model.cpu().eval()
+    tu = time_unit_of(data)
+    val_rul, _ = model.predict_windows(w_val.x, w_val.mask)
+    policy, selector, limits = choose_policy(trajectory_frame(w_val, val_rul), cfg, tu)
+    predictor = MaintenancePredictor(
+        model,
+        state,
+        data.schema,
+        policy,
+        time_unit=tu if data.schema.time_kind == "timestamp" else "cycles",
+    )
+    limits += [
+        "windows count readings, not clock time: gaps in an asset's readings are not filled",
+        "scoring windows an asset's whole given history; pass only the readings since its "
+        "last maintenance (a new run resets health)",
+    ]
+    return FitOutput(predictor, data, selector, losses, limits)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def evaluate_prepared(
+    predictor: MaintenancePredictor,
+    data: PreparedData,
+    cfg: MaintenanceConfig,
+    figures: bool = True,
+) -> EvalResult:
+    """All metrics of the module docstring for ``predictor`` on ``data``'s held-out splits."""
+    from apps.maintenance.plots import plot_lead_time_histogram, plot_rul_trajectories
+
+    model, policy = predictor.model, predictor.policy
+    timestamped = data.schema.time_kind == "timestamp"
+    tu = time_unit_of(data)
+    unit_name = tu if timestamped else "cycles"
+    H = cfg.alarm.eval_horizon
+
+    # C-MAPSS test protocol: one prediction per test unit at its last observed reading
+    w_last = split_windows(predictor, data.test, cfg.window, last_only=True)
+    pred_last, _ = model.predict_windows(w_last.x, w_last.mask)
+    test = cmapss_test_metrics(pred_last, w_last.rul, cap=cfg.rul_cap)
+    # alarms on truncated test units (policy state at the last reading)
+    w_test = split_windows(predictor, data.test, cfg.window)
+    test_traj = trajectory_frame(w_test, model.predict_windows(w_test.x, w_test.mask)[0])
+    trunc = truncated_alarm_metrics(test_traj, policy, horizon=H, time_unit=tu)
+    # lead time + prognostics on held-out full run-to-failure units
+    w_lead = split_windows(predictor, data.lead, cfg.window)
+    lead_traj = trajectory_frame(w_lead, model.predict_windows(w_lead.x, w_lead.mask)[0])
+    lead = lead_time_metrics(lead_traj, policy, horizon=H, time_unit=tu)
+    prog = prognostic_metrics(lead_traj, time_unit=tu)
+
+    lm = lead.metrics
+    metrics = {
+        **test.metrics,
+        "n_test_units": test.metrics["n_units"],
+        "test_alarm_precision": trunc.metrics["alarm_precision"],
+        "test_alarm_recall": trunc.metrics["alarm_recall"],
+        "lead_detection_rate": lm["detection_rate"],
+        "lead_time_median": lm["lead_time_median"],
+        "lead_time_p10": lm["lead_time_p10"],
+        "false_alarms_per_1000_healthy": lm["false_alarms_per_1000_healthy"],
+        "lead_n_units": lm["n_failures"],
+        "ph_mean": prog.metrics["ph_mean"],
+        "ph_median": prog.metrics["ph_median"],
+        "alpha_lambda_accuracy": prog.metrics["alpha_lambda_accuracy"],
+        "alarm_policy_threshold": float(policy.horizon),
+        "alarm_policy_k": float(policy.k),
+    }
+    metrics.pop("n_units")
+    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    protocol = " | ".join(
+        [
+            f"data: {data.source}; units split by unit (seed {cfg.seed}): "
+            f"{data.train['unit'].nunique()} train, {data.policy['unit'].nunique()} policy-validation, "
+            f"{data.lead['unit'].nunique()} lead-time hold-out, {data.test['unit'].nunique()} test",
+            f"[rmse_*, phm08_*] {test.protocol}; units: {unit_name}",
+            f"[test_alarm_*] {trunc.protocol}",
+            f"[lead_*, false_alarms_per_1000_healthy] {lead.protocol} (held-out units never used "
+            f"for training or policy choice)",
+            f"[ph_*, alpha_lambda_accuracy] {prog.protocol}; on the lead-time hold-out units, "
+            f"in {unit_name}",
+            f"[alarm_policy_*] chosen on policy-validation units only: max detection, then useful "
+            f"lead, under <= {cfg.alarm.false_alarm_budget:g} false alarms / 1000 healthy steps "
+            f"at eval horizon {H:g} {unit_name}",
+        ]
+        + ([f"undefined (omitted): {undefined}"] if undefined else [])
+    )
+    figs: dict[str, Any] = {}
+    if figures:
+        label = f"time ({unit_name})" if not timestamped else "time"
+        figs["rul_trajectories_lead_units"] = plot_rul_trajectories(
+            lead_traj, policy=policy, max_units=cfg.eval_plot_units, time_label=label
+        )
+        figs["lead_time_distribution"] = plot_lead_time_histogram(
+            lead.tables["per_unit"], time_label=unit_name
+        )
+    tables = {
+        "lead_per_unit": lead.tables["per_unit"],
+        "test_alarm_per_unit": trunc.tables["per_unit"],
+        "test_last_cycle": pd.DataFrame(
+            {"unit": w_last.unit, "rul_pred": pred_last, "rul_true": w_last.rul}
+        ),
+    }
+    return EvalResult(metrics=_finite(metrics), protocol=protocol, figures=figs, tables=tables)
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """sha256 of a frame's dtypes and values (same recipe as ``core.tracking.fingerprint_frame``,
+    without importing MLflow)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([(str(c), str(t)) for c, t in frame.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    return h.hexdigest()
+
+
+def input_example(data: PreparedData, n_units: int = 2, max_rows: int = 40) -> pd.DataFrame:
+    """Raw readings of a few test units under the schema's column names (scoring input)."""
+    s = data.schema
+    units = list(pd.unique(data.test["unit"]))[:n_units]
+    parts = [data.test[data.test["unit"] == u].tail(max_rows) for u in units]
+    ex = pd.concat(parts, ignore_index=True).rename(
+        columns={"unit": s.asset_column, "time": s.time_column}
+    )
+    return ex[[s.asset_column, s.time_column, *s.setting_columns, *s.sensor_columns]]
+
+
+def np_seed_mean_sd(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
