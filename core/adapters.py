@@ -304,7 +304,7 @@ def sincos_3d(
     n = zz.numel()
     used = 6 * n_freq
     if used < d_model:
-        chans.append(torch.zeros(n, d_model - used, device=device))
+        chans.append(torch.zeros(n, d_model - used, device=device, dtype=torch.float32))
     return torch.cat(chans, dim=1)
 
 

@@ -35,6 +35,9 @@ Paths:
   ``cfg.mask_budget``): a no-grad pass forms the logits and keeps each query's k largest as
   a boolean graph; fused SDPA then runs with that graph as its mask. No gather, tensor
   cores throughout; the per-layer cost over plain attention is one extra QK^T and a topk.
+* top-k, ``topk_impl="flex"`` (opt-in, CUDA, no dropout): the same threshold,
+  applied inside FlexAttention's fused kernel as a ``score_mod`` (see
+  :func:`flex_topk_attention`), so no mask tensor and no fallback to a slower kernel.
 * top-k, ``topk_impl="gather"`` (long inputs): queries are processed in chunks of ``cfg.query_chunk_size``. For each chunk the
   logits [B, H, C, T] are formed, ``topk`` picks k per query, softmax runs over the k kept
   logits only, and the k value rows are gathered. Memory: the kept weights and indices
@@ -142,6 +145,45 @@ def topk_graph_mask(
     return keep_BHTS
 
 
+def flex_topk_attention(
+    q_BHTd: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    top_k: int,
+    key_pad_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-k graph attention as a FlexAttention ``score_mod``: no [B, H, T, S] mask at all.
+
+    A no-grad pass finds each query's k-th largest logit (the threshold, [B, H, T]); the
+    fused flash-style kernel then drops every score below its query's threshold. Under
+    ``torch.compile`` on CUDA this keeps the whole attention in one kernel per direction.
+    The threshold pass computes float32 logits, as the kernel does, so both agree on which
+    keys are kept up to float32 summation order. No dropout. Opt-in (``topk_impl="flex"``)
+    until its GPU parity check passes; see BENCHMARKS.md.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with torch.no_grad():
+        scale = 1.0 / math.sqrt(q_BHTd.shape[-1])
+        # float32 logits, as the kernel scores: a bf16 threshold would drop keys whose
+        # float32 score sits just under its rounded value.
+        logits_BHTS = torch.matmul(q_BHTd.float(), k_BHSd.float().transpose(-2, -1)) * scale
+        if key_pad_BS is not None:
+            logits_BHTS = logits_BHTS.masked_fill(key_pad_BS[:, None, None, :], float("-inf"))
+        k = min(top_k, logits_BHTS.shape[-1])
+        kth_BHT = logits_BHTS.topk(k, dim=-1, sorted=False).values.amin(dim=-1)
+        del logits_BHTS
+    pad_BS = key_pad_BS
+
+    def score_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex signature
+        keep = score >= kth_BHT[b, h, q_idx]
+        if pad_BS is not None:
+            keep = keep & ~pad_BS[b, kv_idx]
+        return torch.where(keep, score, -float("inf"))
+
+    return flex_attention(q_BHTd, k_BHSd, v_BHSd, score_mod=score_mod)
+
+
 class DynamicGraphAttention(nn.Module):
     """Gated multi-head self-attention with optional per-query top-k key selection.
 
@@ -192,7 +234,10 @@ class DynamicGraphAttention(nn.Module):
     def _uses_topk(self, seq_len: int) -> bool:
         return self.cfg.top_k is not None and self.cfg.top_k < seq_len
 
-    def _topk_impl(self, batch: int, seq_len: int) -> str:
+    def _topk_impl(
+        self, batch: int, seq_len: int, device: torch.device | None = None, dropout_p: float = 0.0
+    ) -> str:
+        """``auto``: mask while the [B, H, T, T] mask fits the budget, else gather."""
         if self.cfg.topk_impl != "auto":
             return self.cfg.topk_impl
         fits = batch * self.n_heads * seq_len * seq_len <= self.cfg.mask_budget
@@ -208,12 +253,15 @@ class DynamicGraphAttention(nn.Module):
         q_BHTd, k_BHTd, v_BHTd = self._project(x_BTD)
         key_pad_BT = _effective_key_padding(padding_mask_BT)
         dropout_p = self.cfg.dropout if self.training else 0.0
-        if self._uses_topk(T) and self._topk_impl(B, T) == "mask":
+        impl = self._topk_impl(B, T, x_BTD.device, dropout_p) if self._uses_topk(T) else None
+        if impl == "flex":
+            o_BHTd = flex_topk_attention(q_BHTd, k_BHTd, v_BHTd, self.cfg.top_k, key_pad_BT)
+        elif impl == "mask":
             keep_BHTS = topk_graph_mask(q_BHTd, k_BHTd, self.cfg.top_k, key_pad_BT)
             o_BHTd = F.scaled_dot_product_attention(
                 q_BHTd, k_BHTd, v_BHTd, attn_mask=keep_BHTS, dropout_p=dropout_p
             )
-        elif self._uses_topk(T):
+        elif impl == "gather":
             o_BHTd, _, _ = topk_attention(
                 q_BHTd,
                 k_BHTd,
@@ -259,7 +307,7 @@ class DynamicGraphAttention(nn.Module):
                 self.cfg.query_chunk_size,
                 return_graph=True,
             )
-            dense = torch.zeros(B, self.n_heads, T, T, device=x_BTD.device)
+            dense = torch.zeros(B, self.n_heads, T, T, device=x_BTD.device, dtype=torch.float32)
             return dense.scatter_(-1, idx_BHTk, w_BHTk)
         logits = torch.matmul(q_BHTd, k_BHTd.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
         if key_pad_BT is not None:

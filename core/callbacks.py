@@ -102,6 +102,16 @@ class ExpertBiasUpdate(lightning.pytorch.Callback):
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         self._reset_counts(pl_module)
+        frozen = [layer for layer in moe_layers_of(pl_module) if not layer.training]
+        if frozen:
+            # Lightning keeps a module's train/eval mode at fit start; an MoE layer in eval
+            # mode counts no tokens, so its bias would silently never move.
+            log.warning(
+                "%d MoE layer(s) are in eval mode at the start of training: they record no"
+                " token counts and their expert biases will not be updated (call module.train()"
+                " before fit)",
+                len(frozen),
+            )
 
     def on_before_optimizer_step(
         self,

@@ -39,7 +39,8 @@ class AttentionConfig:
     # "mask": select the top-k keys with a no-grad pass over the logits, then run fused SDPA
     # with that boolean graph as its mask (tensor cores, no gather; O(B*H*T^2) bits of mask).
     # "gather": chunked top-k + gather of the k value rows (O(B*H*T*k) memory; long inputs).
-    # "auto": "mask" while the mask stays under ``mask_budget`` elements, else "gather".
+    # "flex": the same threshold inside FlexAttention's fused kernel (CUDA; no dropout; opt-in).
+    # "auto": "mask" while the mask fits ``mask_budget``, else "gather".
     topk_impl: str = "auto"
     mask_budget: int = 1 << 30
 
@@ -48,9 +49,9 @@ class AttentionConfig:
             raise ValueError(f"attention.n_heads must be >= 1, got {self.n_heads}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"attention.top_k must be None or >= 1, got {self.top_k}")
-        if self.topk_impl not in ("auto", "mask", "gather"):
+        if self.topk_impl not in ("auto", "flex", "mask", "gather"):
             raise ValueError(
-                f"attention.topk_impl must be auto, mask or gather, got {self.topk_impl!r}"
+                f"attention.topk_impl must be auto, flex, mask or gather, got {self.topk_impl!r}"
             )
         if self.query_chunk_size < 1:
             raise ValueError(

@@ -202,7 +202,9 @@ class TaskModule(lightning.LightningModule):
     def _log_moe_balance(self, prefix: str, batch_size: int, per_layer: bool) -> None:
         """Log each MoE layer's ``last_load_balance`` (max/mean tokens per expert) and the mean.
 
-        The values stay tensors so logging adds no host sync per step.
+        The values stay tensors so logging adds no host sync per step. Training values are
+        per rank (as ``train/loss``: an all-reduce per step is not worth it); evaluation
+        values are averaged over ranks at epoch end.
         """
         values = []
         for layer in self.backbone.moe_layers():
@@ -211,23 +213,17 @@ class TaskModule(lightning.LightningModule):
                 values.append(torch.as_tensor(value).detach().float())
         if not values:
             return
-        on_step = prefix == "moe"
+        training = prefix == "moe"
+        kw = {
+            "on_step": training,
+            "on_epoch": True,
+            "batch_size": batch_size,
+            "sync_dist": not training,
+        }
         if per_layer:
             for j, value in enumerate(values):
-                self.log(
-                    f"{prefix}/layer{j}/load_balance_max_over_mean",
-                    value,
-                    on_step=on_step,
-                    on_epoch=True,
-                    batch_size=batch_size,
-                )
-        self.log(
-            f"{prefix}/load_balance_max_over_mean",
-            torch.stack(values).mean(),
-            on_step=on_step,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+                self.log(f"{prefix}/layer{j}/load_balance_max_over_mean", value, **kw)
+        self.log(f"{prefix}/load_balance_max_over_mean", torch.stack(values).mean(), **kw)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -330,10 +326,9 @@ class TrainerConfig:
     precision: ``32`` | ``bf16-mixed`` | ``16-mixed`` | ``fp8`` (| ``bf16-true``,
     ``fp8-emulated``). ``fp8`` uses torchao on a CUDA GPU of compute capability >= 8.9 and
     raises :class:`core.precision.PrecisionUnavailableError` elsewhere, unless
-    ``fp8_emulated`` (or ``fp8-emulated``) asks for the CPU-capable emulation. The layers
-    outside the FP8 GEMMs run in ``fp8_base_precision``: ``bf16-true`` (default: bf16
-    weights and optimizer, least memory) or ``bf16-mixed`` (fp32 master weights under bf16
-    autocast; costs memory, but AdamW updates smaller than a bf16 ulp are not lost).
+    ``fp8_emulated`` (or ``fp8-emulated``) asks for the CPU-capable emulation. FP8 runs in
+    Lightning's ``bf16-true`` (bf16 weights and optimizer state); ``fp8_min_features`` and
+    ``fp8_exclude`` configure :class:`core.precision.Float8LinearFilter`.
     ``16-mixed`` on CPU runs as ``bf16-mixed`` (see :func:`resolve_precision`).
     strategy: ``auto`` | ``ddp`` | ``fsdp2``. ``monitor=None`` checkpoints only ``last``;
     ``early_stopping_patience=None`` disables early stopping. ``seed=None`` skips seeding.
@@ -347,8 +342,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32"
     fp8_emulated: bool = False
-    fp8_base_precision: str = "bf16-true"
-    fp8_min_features: int = 1024
+    fp8_min_features: int = 2048
     fp8_exclude: tuple[str, ...] = ()
     compile: bool = False
     compile_mode: str | None = None
@@ -383,10 +377,6 @@ class TrainerConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"TrainerConfig.precision={self.precision!r}; expected one of {PRECISIONS}"
-            )
-        if self.fp8_base_precision not in ("bf16-true", "bf16-mixed"):
-            raise ValueError(
-                f"TrainerConfig.fp8_base_precision={self.fp8_base_precision!r}; expected 'bf16-true' or 'bf16-mixed'"
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(
@@ -432,17 +422,16 @@ def resolve_accelerator(accelerator: str) -> str:
 
 
 def resolve_precision(
-    precision: str,
-    accelerator: str,
-    fp8_emulated: bool = False,
-    fp8_base_precision: str = "bf16-true",
+    precision: str, accelerator: str, fp8_emulated: bool = False
 ) -> tuple[str, Fp8Backend | None]:
     """Map a Keel precision name to ``(lightning_precision, fp8_backend | None)``.
 
     * ``32`` -> ``32-true``.
-    * ``fp8`` / ``fp8-emulated`` -> ``fp8_base_precision`` (``bf16-true`` by default) plus
-      an FP8 backend (see :func:`core.precision.resolve_fp8_backend`; raises when FP8
-      cannot run).
+    * ``fp8`` / ``fp8-emulated`` -> ``bf16-true`` plus an FP8 backend (see
+      :func:`core.precision.resolve_fp8_backend`; raises when FP8 cannot run). Not
+      ``bf16-mixed``: torchao's ``Float8Linear`` fails under autocast in evaluation
+      (``aten.to.dtype`` on its float8 tensor inside ``torch.mm``; seen with torchao 0.17 on
+      an H200), and torchao's recipes assume bf16 modules rather than autocast.
     * ``16-mixed`` on CPU -> ``bf16-mixed``, logged as a warning. Lightning 2.6 does the
       same (``_check_and_init_precision``: "AMP with fp16 is not supported on CPU. Using
       precision='bf16-mixed' instead."), i.e. ``torch.autocast('cpu', dtype=torch.bfloat16)``
@@ -454,7 +443,7 @@ def resolve_precision(
         backend = resolve_fp8_backend(
             accelerator, emulated=fp8_emulated or precision == "fp8-emulated"
         )
-        return fp8_base_precision, backend
+        return "bf16-true", backend
     if precision in ("32", "32-true"):
         return "32-true", None
     if precision == "16-mixed" and accelerator == "cpu":
@@ -566,9 +555,7 @@ def build_trainer(
     if cfg.seed is not None:
         seed_everything(cfg.seed, workers=True)
     accelerator = resolve_accelerator(cfg.accelerator)
-    precision, fp8_backend = resolve_precision(
-        cfg.precision, accelerator, cfg.fp8_emulated, cfg.fp8_base_precision
-    )
+    precision, fp8_backend = resolve_precision(cfg.precision, accelerator, cfg.fp8_emulated)
     if fp8_backend == "torchao" and not cfg.compile:
         log.info(
             "precision fp8 (torchao) without compile=True: casts stay unfused, often slower than bf16"

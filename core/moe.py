@@ -143,9 +143,13 @@ class MoEFeedForward(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(E, Fh, d_model))
         self.w2_EDF = nn.Parameter(torch.empty(E, d_model, Fh))
         self.shared = SwiGLU(d_model, cfg.n_shared_experts * Fh) if cfg.n_shared_experts else None
-        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
-        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=True)
-        self.register_buffer("last_load_balance", torch.ones(()), persistent=False)
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32), persistent=True)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=True
+        )
+        self.register_buffer(
+            "last_load_balance", torch.ones((), dtype=torch.float32), persistent=False
+        )
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -189,9 +193,9 @@ class MoEFeedForward(nn.Module):
         ones_NK = torch.ones(idx_NK.shape, device=idx_NK.device, dtype=torch.float32)
         if valid_N is not None:
             ones_NK = ones_NK * valid_N.unsqueeze(1).float()
-        counts_E = torch.zeros(self.n_experts, device=idx_NK.device).scatter_add_(
-            0, idx_NK.reshape(-1), ones_NK.reshape(-1)
-        )
+        counts_E = torch.zeros(
+            self.n_experts, device=idx_NK.device, dtype=torch.float32
+        ).scatter_add_(0, idx_NK.reshape(-1), ones_NK.reshape(-1))
         if self.training:
             self.tokens_per_expert.add_(counts_E)
         self.last_load_balance.copy_(counts_E.max() / counts_E.mean().clamp_min(1e-6))

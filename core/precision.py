@@ -57,15 +57,18 @@ class Float8LinearFilter:
     of ``multiple_of`` (16: the FP8 GEMM kernels of cuBLASLt need 16-aligned dims) and
     ``min(in_features, out_features) >= min_features``. Why a size floor: dynamic scaling
     adds, per GEMM, an amax reduction and a cast of the input, the weight and (in backward)
-    the output gradient. Those passes are memory-bound and cost the same whatever the GEMM's
-    inner size, while the FP8 tensor-core gain grows with it; below roughly 1024 features
-    the extra passes eat the (at most 2x) GEMM speed-up and the layer gets slower, besides
-    losing precision. Small projections such as a router (``out_features = n_experts``) or
-    per-head gates therefore stay in high precision. ``exclude`` drops layers whose
-    fully-qualified name contains any of the given substrings (e.g. an output head).
+    the output gradient. Those passes are memory-bound and their cost does not shrink with
+    the GEMM's inner size, while the FP8 tensor-core gain (at most 2x) grows with it, so a
+    small layer gets slower, besides losing precision. Measured on an H200 (torchao 0.17,
+    both sides ``torch.compile``d, fwd+bwd, 16384 tokens), FP8 over bf16: Linear(1024, 1024)
+    0.65x, (1024, 4096) 0.57x, (4096, 1024) 0.89x, (2048, 2048) 1.00x, (2048, 8192) 1.21x,
+    (4096, 4096) 1.26x; hence the default floor of 2048. Small projections such as a router
+    (``out_features = n_experts``) or per-head gates therefore stay in high precision.
+    ``exclude`` drops layers whose fully-qualified name contains any of the given
+    substrings (e.g. an output head).
     """
 
-    min_features: int = 1024
+    min_features: int = 2048
     multiple_of: int = 16
     exclude: tuple[str, ...] = ()
 
@@ -164,7 +167,10 @@ class EmulatedFloat8Linear(nn.Linear):
     """An ``nn.Linear`` whose GEMMs follow torchao's tensorwise FP8 recipe, emulated.
 
     Parameters and ``state_dict`` keys are those of ``nn.Linear``, so checkpoints load
-    into an unconverted model and vice versa.
+    into an unconverted model and vice versa. Checked against torchao 0.17's
+    ``Float8Linear`` on an H200 (Gaussian data, bf16): emulated vs torchao SQNR 53-59 dB on
+    the output and 64 dB on both gradients, while each is 28.7 dB (output) and 24.6 dB
+    (gradients) from plain bf16; the residual gap is torchao's fast-accumulation forward GEMM.
     """
 
     @classmethod

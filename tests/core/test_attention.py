@@ -207,3 +207,19 @@ def test_auto_topk_impl_switches_to_gather_past_the_mask_budget() -> None:
     m = _attn(top_k=3, mask_budget=3 * H * T * T)
     assert m._topk_impl(3, T) == "mask"
     assert m._topk_impl(4, T) == "gather"
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 7])
+def test_flex_topk_forward_matches_reference(top_k: int) -> None:
+    """The CUDA default (FlexAttention score_mod) computes the same graph; forward on CPU.
+
+    FlexAttention has no CPU backward, so its gradients are checked on the GPU by
+    ``bench.train_bench --check-flex`` against the mask path.
+    """
+    m = _attn(gated=True, top_k=top_k, topk_impl="flex")
+    x, pad = _inputs()
+    with torch.no_grad():
+        for mask in (None, pad):
+            out, _ = m(x, mask)
+            ref, _ = attention_reference(m, x, mask)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

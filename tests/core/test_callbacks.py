@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -83,8 +84,14 @@ def test_bias_moves_toward_balance(tmp_path):
     with torch.no_grad():
         moe.expert_bias.copy_(torch.tensor([0.12, 0.04, -0.04, -0.12]))
     recorder = UpdateRecorder()
-    cfg = quiet_cfg(tmp_path, max_epochs=6, enable_checkpointing=False, gradient_clip_val=None)
-    fit(module, TinyData(n_train=256, batch_size=32), cfg, extra_callbacks=[recorder])
+    cfg = quiet_cfg(
+        tmp_path,
+        max_epochs=6,
+        enable_checkpointing=False,
+        gradient_clip_val=None,
+        limit_val_batches=0,
+    )
+    fit(module, TinyData(n_train=128, batch_size=16), cfg, extra_callbacks=[recorder])
 
     balances = [max_over_mean(r["counts"]) for r in recorder.records]
     assert len(balances) == 48
@@ -153,3 +160,14 @@ def test_counts_are_summed_over_ranks_before_the_update(tmp_path):
     expected = 0.01 * torch.sign(total.mean() - total)
     torch.testing.assert_close(r0["bias"], expected - expected.mean())
     assert float(r0["pending"].sum()) == 0.0 and float(r1["pending"].sum()) == 0.0
+
+
+def test_warns_when_moe_layers_start_training_in_eval_mode(tmp_path, caplog):
+    seed_everything(0)
+    module = TinySeqTask(tiny_backbone(), OptimConfig(lr=1e-3))
+    module.eval()  # Lightning keeps this mode at fit start
+    cfg = quiet_cfg(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0)
+    with caplog.at_level(logging.WARNING, logger="core.callbacks"):
+        fit(module, TinyData(), cfg)
+    assert any("eval mode at the start of training" in r.getMessage() for r in caplog.records)
+    assert float(next(module.backbone.moe_layers()).expert_bias.abs().sum()) == 0.0

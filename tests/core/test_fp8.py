@@ -33,13 +33,13 @@ def test_filter_picks_only_aligned_large_linears():
     with torch.device("meta"):
         model = nn.ModuleDict(
             {
-                "big": nn.Linear(2048, 1024),  # yes: both multiples of 16, min 1024
-                "wide": nn.Linear(1024, 4096),  # yes
-                "router": nn.Linear(2048, 64),  # no: out 64 < 1024
-                "unaligned": nn.Linear(1032, 2048),  # no: 1032 % 16 = 8
-                "small": nn.Linear(512, 512),  # no: below the size floor
-                "head": nn.Linear(2048, 2048),  # no: excluded by name
-                "conv": nn.Conv1d(2048, 2048, 1),  # no: not a Linear
+                "big": nn.Linear(2048, 4096),  # yes: both multiples of 16, min 2048
+                "wide": nn.Linear(2048, 8192),  # yes
+                "router": nn.Linear(4096, 64),  # no: out 64 < 2048
+                "unaligned": nn.Linear(2056, 4096),  # no: 2056 % 16 = 8
+                "small": nn.Linear(1024, 4096),  # no: below the size floor
+                "head": nn.Linear(4096, 4096),  # no: excluded by name
+                "conv": nn.Conv1d(4096, 4096, 1),  # no: not a Linear
                 "blocks": nn.ModuleList([nn.Sequential(nn.Linear(4096, 4096), nn.ReLU())]),
             }
         )
@@ -92,10 +92,11 @@ def test_per_layer_sqnr_against_bf16_forward_and_backward():
     out.backward(grad_out.bfloat16())
 
     assert out.dtype == torch.bfloat16
-    assert sqnr_db(ref, out) >= 18.0
+    # seen: 28.7 dB forward, 24.6 dB for both gradients (the same with torchao on an H200);
     # e5m2 keeps 2 mantissa bits, so gradients are noisier than the e4m3 forward
-    assert sqnr_db(x_ref.grad, x_fp8.grad) >= 15.0
-    assert sqnr_db(ref_layer.weight.grad, fp8_layer.weight.grad) >= 15.0
+    assert sqnr_db(ref, out) >= 18.0
+    assert sqnr_db(x_ref.grad, x_fp8.grad) >= 20.0
+    assert sqnr_db(ref_layer.weight.grad, fp8_layer.weight.grad) >= 20.0
     torch.testing.assert_close(
         fp8_layer.bias.grad, ref_layer.bias.grad
     )  # bias stays high precision
@@ -197,6 +198,7 @@ def _train_and_validate(tmp_path, precision: str, **kw):
         tmp_path / precision,
         precision=precision,
         max_steps=30,
+        check_val_every_n_epoch=100,  # validate once, after training
         enable_checkpointing=False,
         seed=0,
         **kw,
