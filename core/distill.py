@@ -1,0 +1,514 @@
+"""Knowledge distillation: a small student learns from a frozen, larger teacher.
+
+Three signals, combined by :class:`DistillationModule`:
+
+* **Soft targets** (Hinton et al. 2015): ``alpha * T^2 * KL(p_teacher^T || p_student^T) +
+  (1 - alpha) * task_loss``, where ``p^T = softmax(logits / T)``. The ``T^2`` factor keeps
+  the soft term's gradient magnitude independent of ``T`` (the gradient of the tempered KL
+  scales as ``1 / T^2``), so ``alpha`` means the same thing at every temperature. Single-logit
+  (binary) heads become two-class distributions ``[sigmoid(z/T), 1 - sigmoid(z/T)]``;
+  regression heads use ``alpha * MSE|Huber(student, teacher) + (1 - alpha) * task_loss``.
+* **Hidden-state matching** (FitNets / TinyBERT): student hidden states are projected to the
+  teacher's width by one learned ``nn.Linear`` per mapped layer and compared by MSE over the
+  real (non-padding) tokens, optionally after a parameter-free layer norm so the loss
+  compares directions and relative magnitudes, not the two models' residual-stream scales.
+* **Stored soft labels**: :func:`produce_soft_labels` runs the teacher once over a dataset;
+  :class:`SoftLabelDataset` serves those logits next to the inputs, so a student can train
+  on unlabeled data (``alpha=1``) without the teacher in memory.
+
+The teacher is never a registered submodule of the student's module: it is stored with
+``object.__setattr__``, so it is absent from ``state_dict``, ``parameters()`` (the optimizer
+never sees it), checkpoints and ``.train()`` calls (it stays in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from core.configio import YamlConfig
+from core.engine import TaskModule
+from core.errors import KeelInputError
+
+KINDS = ("auto", "softmax", "binary", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
+
+
+@dataclass
+class DistillConfig(YamlConfig):
+    """Distillation settings (YAML round-trip through :class:`core.configio.YamlConfig`).
+
+    ``alpha``: weight of the teacher term (1 = teacher only, for unlabeled data; 0 = task loss
+    only). ``temperature``: ``T`` of the softened distributions. ``kind``: ``softmax``
+    (multi-class logits ``[..., C]``), ``binary`` (one logit per row), ``regression``, or
+    ``auto`` (binary when the prediction is 1-D or has a last dim of 1, else softmax).
+    ``regression_loss``: ``mse`` or ``huber`` (``huber_delta``). ``hidden_weight``: weight of
+    the hidden-matching term (0 = off). ``layer_map``: student hidden-state index -> teacher
+    hidden-state index, where index 0 is the embeddings and ``i`` the output of block ``i``
+    (``BackboneOutput.hidden_states`` numbering). ``normalize_hidden``: layer-norm both sides
+    (no affine) before the MSE. ``soft_label_key``: batch key holding stored teacher logits;
+    when present the teacher is not run.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    kind: str = "auto"
+    regression_loss: str = "mse"
+    huber_delta: float = 1.0
+    hidden_weight: float = 0.0
+    layer_map: dict[int, int] = field(default_factory=dict)
+    normalize_hidden: bool = True
+    soft_label_key: str = "soft_labels"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+        if self.kind not in KINDS:
+            raise ValueError(f"DistillConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise ValueError(
+                f"DistillConfig.regression_loss must be one of {REGRESSION_LOSSES},"
+                f" got {self.regression_loss!r}"
+            )
+        if self.hidden_weight < 0:
+            raise ValueError(f"DistillConfig.hidden_weight must be >= 0, got {self.hidden_weight}")
+        # YAML keys may arrive as strings
+        self.layer_map = {int(k): int(v) for k, v in dict(self.layer_map).items()}
+        if self.hidden_weight > 0 and not self.layer_map:
+            raise ValueError("DistillConfig.hidden_weight > 0 needs a non-empty layer_map")
+
+
+# ============================================================================ losses
+
+
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last dim, mean over all rows.
+
+    Logits ``[..., C]``; leading dims are flattened into rows ("batchmean" per row). The log
+    softmaxes are taken in float32: under bf16 autocast the small probabilities of a
+    confident teacher would round to 0 and the KL would lose exactly the "dark knowledge".
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise KeelInputError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits"
+            f" {tuple(teacher_logits.shape)} must have the same shape"
+        )
+    C = student_logits.shape[-1]
+    log_p_s_NC = F.log_softmax(student_logits.float().reshape(-1, C) / temperature, dim=-1)
+    log_p_t_NC = F.log_softmax(teacher_logits.float().reshape(-1, C) / temperature, dim=-1)
+    kl = F.kl_div(log_p_s_NC, log_p_t_NC, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def _binary_as_two_class(logits: Tensor) -> Tensor:
+    """One logit ``z`` -> two-class logits ``[z, 0]``: softmax of that is ``[sigmoid(z), 1 - sigmoid(z)]``."""
+    z = logits.float()
+    if z.dim() > 1 and z.shape[-1] == 1:
+        z = z.squeeze(-1)
+    return torch.stack([z, torch.zeros_like(z)], dim=-1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    task_loss: Tensor | float,
+    alpha: float,
+    temperature: float,
+) -> Tensor:
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * task_loss`` (multi-class)."""
+    soft = soft_kl(student_logits, teacher_logits, temperature)
+    return alpha * soft + (1.0 - alpha) * task_loss
+
+
+def binary_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    task_loss: Tensor | float,
+    alpha: float,
+    temperature: float,
+) -> Tensor:
+    """:func:`distillation_loss` for single-logit heads: sigmoid -> two-class distributions."""
+    return distillation_loss(
+        _binary_as_two_class(student_logits),
+        _binary_as_two_class(teacher_logits),
+        task_loss,
+        alpha,
+        temperature,
+    )
+
+
+def regression_distillation_loss(
+    student_pred: Tensor,
+    teacher_pred: Tensor,
+    task_loss: Tensor | float,
+    alpha: float,
+    loss: str = "mse",
+    huber_delta: float = 1.0,
+) -> Tensor:
+    """``alpha * MSE|Huber(student, teacher) + (1 - alpha) * task_loss`` (no temperature)."""
+    if student_pred.shape != teacher_pred.shape:
+        raise KeelInputError(
+            f"student predictions {tuple(student_pred.shape)} and teacher predictions"
+            f" {tuple(teacher_pred.shape)} must have the same shape"
+        )
+    s, t = student_pred.float(), teacher_pred.float()
+    if loss == "mse":
+        soft = F.mse_loss(s, t)
+    elif loss == "huber":
+        soft = F.huber_loss(s, t, delta=huber_delta)
+    else:
+        raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {loss!r}")
+    return alpha * soft + (1.0 - alpha) * task_loss
+
+
+def resolve_kind(kind: str, preds: Tensor) -> str:
+    """``auto`` -> ``binary`` for 1-D or ``[..., 1]`` predictions, else ``softmax``."""
+    if kind != "auto":
+        return kind
+    return "binary" if preds.dim() == 1 or preds.shape[-1] == 1 else "softmax"
+
+
+def teacher_term(student_preds: Tensor, teacher_preds: Tensor, cfg: DistillConfig) -> Tensor:
+    """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind``."""
+    kind = resolve_kind(cfg.kind, student_preds)
+    if kind == "softmax":
+        return soft_kl(student_preds, teacher_preds, cfg.temperature)
+    if kind == "binary":
+        return soft_kl(
+            _binary_as_two_class(student_preds),
+            _binary_as_two_class(teacher_preds),
+            cfg.temperature,
+        )
+    return regression_distillation_loss(
+        student_preds, teacher_preds, 0.0, 1.0, cfg.regression_loss, cfg.huber_delta
+    )
+
+
+# ============================================================================ hidden states
+
+
+class HiddenStateMatcher(nn.Module):
+    """Learned projections student width -> teacher width and the masked hidden MSE.
+
+    One bias-free ``nn.Linear(d_student, d_teacher)`` per mapped student layer (keys of
+    ``layer_map``). With equal widths the projections start as the identity (so a student
+    that equals the teacher starts at zero loss); otherwise at a small normal init.
+    """
+
+    def __init__(
+        self,
+        layer_map: Mapping[int, int],
+        d_student: int,
+        d_teacher: int,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        if not layer_map:
+            raise ValueError("HiddenStateMatcher needs a non-empty layer_map")
+        self.layer_map = {int(k): int(v) for k, v in layer_map.items()}
+        self.normalize = normalize
+        self.d_teacher = d_teacher
+        self.proj = nn.ModuleDict(
+            {str(s): nn.Linear(d_student, d_teacher, bias=False) for s in self.layer_map}
+        )
+        for lin in self.proj.values():
+            if d_student == d_teacher:
+                nn.init.eye_(lin.weight)
+            else:
+                nn.init.normal_(lin.weight, std=1.0 / math.sqrt(d_student))
+
+    def forward(
+        self,
+        student_hidden: list[Tensor],
+        teacher_hidden: list[Tensor],
+        padding_mask_BT: Tensor | None = None,
+    ) -> Tensor:
+        """Mean over mapped layers of the per-token MSE, averaged over non-padding tokens."""
+        losses = []
+        for s_idx, t_idx in self.layer_map.items():
+            for idx, hidden, who in (
+                (s_idx, student_hidden, "student"),
+                (t_idx, teacher_hidden, "teacher"),
+            ):
+                if not -len(hidden) <= idx < len(hidden):
+                    raise KeelInputError(
+                        f"layer_map index {idx} is out of range for the {who}'s"
+                        f" {len(hidden)} hidden states (0 = embeddings, i = block i)"
+                    )
+            s_BTD = self.proj[str(s_idx)](student_hidden[s_idx].float())
+            t_BTD = teacher_hidden[t_idx].float()
+            if s_BTD.shape != t_BTD.shape:
+                raise KeelInputError(
+                    f"projected student hidden state {s_idx} {tuple(s_BTD.shape)} does not match"
+                    f" teacher hidden state {t_idx} {tuple(t_BTD.shape)}"
+                )
+            if self.normalize:
+                s_BTD = F.layer_norm(s_BTD, (self.d_teacher,))
+                t_BTD = F.layer_norm(t_BTD, (self.d_teacher,))
+            err_BT = (s_BTD - t_BTD).pow(2).mean(-1)
+            if padding_mask_BT is None:
+                losses.append(err_BT.mean())
+            else:
+                real_BT = (~padding_mask_BT.to(torch.bool)).float()
+                losses.append((err_BT * real_BT).sum() / real_BT.sum().clamp_min(1.0))
+        return torch.stack(losses).mean()
+
+
+# ============================================================================ module
+
+
+def _logits_of(preds: Any) -> Tensor:
+    """Predictions as one tensor: a tensor itself, or ``preds["logits"]`` for dict heads."""
+    if isinstance(preds, Tensor):
+        return preds
+    if isinstance(preds, Mapping) and "logits" in preds:
+        return preds["logits"]
+    raise TypeError(
+        f"distillation needs tensor predictions or a dict with 'logits'; got {type(preds).__name__}"
+    )
+
+
+class DistillationModule(lightning.LightningModule):
+    """Trains ``student`` (a :class:`TaskModule`) against a frozen ``teacher``.
+
+    Only the student and the hidden-state projections are submodules, so checkpoints hold
+    ``student.*`` and ``matcher.*`` keys and no teacher weights; keep ``module.student`` for
+    deployment. ``teacher`` may be ``None`` when every batch carries stored soft labels
+    (``cfg.soft_label_key``; hidden matching then needs a teacher and is an error).
+
+    The optimizer and LR schedule are the student's (``student.optim_config``), over the
+    student's and the projections' parameters. Logged per step: ``train/loss`` (total),
+    ``train/distill_loss`` (teacher term), ``train/task_loss`` (when ``alpha < 1``) and
+    ``train/hidden_loss`` (when hidden matching is on); the same under ``val/``.
+    """
+
+    def __init__(
+        self,
+        student: TaskModule,
+        teacher: TaskModule | None,
+        cfg: DistillConfig | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = (
+            cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(dict(cfg or {}))
+        )
+        self.student = student
+        self.optim_config = student.optim_config
+        self.save_hyperparameters(
+            {
+                "distill_config": self.cfg.to_dict(),
+                "student_hparams": dict(student.hparams),
+            }
+        )
+        self.set_teacher(teacher)
+        self._batch_size = 0
+        self.matcher: HiddenStateMatcher | None = None
+        if self.cfg.hidden_weight > 0:
+            if teacher is None:
+                raise ValueError("hidden-state matching (hidden_weight > 0) needs a teacher")
+            self.matcher = HiddenStateMatcher(
+                self.cfg.layer_map,
+                student.backbone_config.d_model,
+                teacher.backbone_config.d_model,
+                self.cfg.normalize_hidden,
+            )
+
+    # ------------------------------------------------------------------ teacher handling
+    def set_teacher(self, teacher: TaskModule | None) -> None:
+        """Freeze ``teacher`` and store it unregistered (not in state_dict / parameters)."""
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
+
+    def _teacher_to_device(self) -> None:
+        teacher = self.teacher
+        if teacher is None:
+            return
+        p = next(self.student.parameters())
+        tp = next(teacher.parameters(), None)
+        if tp is not None and tp.device != p.device:
+            teacher.to(p.device)
+        teacher.eval()  # in case anyone called .train() on it directly
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The student's backbone (engine callbacks such as ``ExpertBiasUpdate`` look here)."""
+        return self.student.backbone
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Any) -> Any:
+        return self.student(batch)
+
+    def _encode(
+        self, module: TaskModule, batch: Any, hidden: bool
+    ) -> tuple[Any, Any, Tensor | None]:
+        tokens_BTD, pad_BT = module.tokens(batch)
+        self._batch_size = int(tokens_BTD.shape[0])
+        out = module.backbone(
+            tokens_BTD,
+            padding_mask_BT=pad_BT,
+            return_hidden=hidden or module.return_hidden,
+            return_gates=module.return_gates,
+        )
+        return out, module.head_forward(out, batch), pad_BT
+
+    def losses(self, batch: Any) -> dict[str, Tensor]:
+        """All loss parts for one batch: ``loss`` (total), ``distill``, and ``task`` / ``hidden``."""
+        cfg = self.cfg
+        use_hidden = self.matcher is not None
+        s_out, s_preds, pad_BT = self._encode(self.student, batch, use_hidden)
+        stored = batch.get(cfg.soft_label_key) if isinstance(batch, Mapping) else None
+        t_out = None
+        if stored is None or use_hidden:
+            if self.teacher is None:
+                raise KeelInputError(
+                    f"batch has no {cfg.soft_label_key!r} soft labels and no teacher was given"
+                )
+            self._teacher_to_device()
+            with torch.no_grad():
+                t_out, t_preds, _ = self._encode(self.teacher, batch, use_hidden)
+        teacher_logits = (stored if stored is not None else _logits_of(t_preds)).detach()
+        student_logits = _logits_of(s_preds)
+        parts = {
+            "distill": teacher_term(student_logits, teacher_logits.to(student_logits.device), cfg)
+        }
+        total = cfg.alpha * parts["distill"]
+        if cfg.alpha < 1.0:
+            parts["task"] = self.student.loss(s_preds, batch)
+            total = total + (1.0 - cfg.alpha) * parts["task"]
+        if use_hidden:
+            parts["hidden"] = self.matcher(s_out.hidden_states, t_out.hidden_states, pad_BT)
+            total = total + cfg.hidden_weight * parts["hidden"]
+        parts["loss"] = total
+        return parts
+
+    # ------------------------------------------------------------------ steps
+    def _log_parts(self, stage: str, parts: dict[str, Tensor], batch_size: int) -> None:
+        training = stage == "train"
+        kw = {
+            "on_step": training,
+            "on_epoch": True,
+            "batch_size": batch_size,
+            "sync_dist": not training,
+        }
+        self.log(f"{stage}/loss", parts["loss"], prog_bar=True, **kw)
+        for name in ("distill", "task", "hidden"):
+            if name in parts:
+                self.log(f"{stage}/{name}_loss", parts[name], **kw)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        parts = self.losses(batch)
+        bs = self._batch_size
+        self._log_parts("train", parts, bs)
+        TaskModule._log_moe_balance(self, "moe", bs, per_layer=False)
+        return parts["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        parts = self.losses(batch)
+        self._log_parts("val", parts, self._batch_size)
+        return parts["loss"]
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return self.student(batch)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The student's AdamW + warmup/cosine, over student and projection parameters."""
+        return TaskModule.configure_optimizers(self)  # uses self.optim_config / self.trainer
+
+    def on_train_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Defensive: no ``teacher.*`` key may reach a checkpoint even if someone registered it."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+
+# ============================================================================ soft labels
+
+
+@torch.no_grad()
+def produce_soft_labels(
+    teacher: TaskModule, dataloader: DataLoader, device: torch.device | str | None = None
+) -> Tensor:
+    """Teacher logits for every row of ``dataloader``, in order, on CPU (float32).
+
+    The loader must not shuffle: row ``i`` of the result belongs to dataset item ``i``, which
+    is how :class:`SoftLabelDataset` pairs them. The teacher runs in eval mode (dropout off)
+    and is put back in its previous mode afterwards.
+    """
+    if isinstance(getattr(dataloader, "sampler", None), RandomSampler):
+        raise ValueError(
+            "produce_soft_labels needs a loader with shuffle=False: soft label i must belong to"
+            " dataset item i"
+        )
+    was_training = teacher.training
+    teacher.eval()
+    if device is not None:
+        teacher.to(device)
+    dev = next(teacher.parameters()).device
+    outs = []
+    try:
+        for batch in dataloader:
+            batch = lightning.pytorch.utilities.move_data_to_device(batch, dev)
+            outs.append(_logits_of(teacher(batch)).detach().float().cpu())
+    finally:
+        teacher.train(was_training)
+    if not outs:
+        raise ValueError("produce_soft_labels: the dataloader yielded no batches")
+    return torch.cat(outs, dim=0)
+
+
+class SoftLabelDataset(Dataset):
+    """Serves ``dict(base[i]) | {key: soft_labels[i]}``: inputs with stored teacher logits.
+
+    ``base`` items must be mappings (dict batches, as Keel's task modules use). Hard labels
+    are optional: with ``DistillConfig.alpha == 1`` the student's task loss is never called.
+    """
+
+    def __init__(self, base: Dataset, soft_labels: Tensor, key: str = "soft_labels") -> None:
+        n = len(base)  # type: ignore[arg-type]
+        if soft_labels.shape[0] != n:
+            raise KeelInputError(
+                f"soft_labels has {soft_labels.shape[0]} rows but the dataset has {n} items"
+            )
+        self.base, self.soft_labels, self.key = base, soft_labels, key
+
+    def __len__(self) -> int:
+        return self.soft_labels.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        if not isinstance(item, Mapping):
+            raise KeelInputError(
+                f"SoftLabelDataset needs mapping items; item {i} is {type(item).__name__}"
+            )
+        if self.key in item:
+            raise KeelInputError(f"dataset item {i} already has a {self.key!r} key")
+        return {**item, self.key: self.soft_labels[i]}
+
+
+__all__ = [
+    "DistillConfig",
+    "DistillationModule",
+    "HiddenStateMatcher",
+    "SoftLabelDataset",
+    "binary_distillation_loss",
+    "distillation_loss",
+    "produce_soft_labels",
+    "regression_distillation_loss",
+    "soft_kl",
+    "teacher_term",
+]
