@@ -21,7 +21,7 @@ from pipelines.lifecycle import train_register_promote
 from pipelines.registry import CHAMPION, model_name
 from pipelines.score import score
 
-DEMO_APPS = ["core.examples.synthetic"]
+DEMO_APPS = ["core.examples.synthetic", "fraud", "maintenance", "medical"]
 
 
 def _demo_input(app: str, spec, out_dir: Path) -> Path | None:

@@ -162,7 +162,9 @@ class ArrayDataset(Dataset):
 class BatchLoader:
     """Batches by slicing whole tensors (much faster than per-row ``__getitem__``)."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(
+        self, arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0
+    ):
         self.ds = ArrayDataset(arrays)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.gen = torch.Generator().manual_seed(seed)
@@ -171,13 +173,19 @@ class BatchLoader:
         return (self.ds.n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        idx = torch.randperm(self.ds.n, generator=self.gen) if self.shuffle else torch.arange(self.ds.n)
+        idx = (
+            torch.randperm(self.ds.n, generator=self.gen)
+            if self.shuffle
+            else torch.arange(self.ds.n)
+        )
         for s in range(0, self.ds.n, self.batch_size):
             b = idx[s : s + self.batch_size]
             yield {k: v[b] for k, v in self.ds.tensors.items()}
 
 
-def loader(arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def loader(
+    arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
     """A DataLoader over pre-batched slices (Lightning needs a real DataLoader)."""
     bl = BatchLoader(arrays, batch_size, shuffle, seed)
     return DataLoader(_Batches(bl), batch_size=None, shuffle=False)
@@ -195,13 +203,18 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 @torch.no_grad()
-def predict_logits(model: FraudModel, arrays: Mapping[str, np.ndarray], batch_size: int = 2048) -> np.ndarray:
+def predict_logits(
+    model: FraudModel, arrays: Mapping[str, np.ndarray], batch_size: int = 2048
+) -> np.ndarray:
     """Logits of every row, in order, in eval mode on the model's device."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     n = len(arrays["x_num"])
     for s in range(0, n, batch_size):
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v[s : s + batch_size])).to(device) for k, v in arrays.items()}
+        batch = {
+            k: torch.from_numpy(np.ascontiguousarray(v[s : s + batch_size])).to(device)
+            for k, v in arrays.items()
+        }
         out.append(model(batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)

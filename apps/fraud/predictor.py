@@ -106,6 +106,16 @@ def validate_rows(frame: pd.DataFrame, schema: FraudSchema) -> tuple[pd.Series, 
     return reasons, ts
 
 
+def _id_text(v: Any) -> str | None:
+    """Ids and categories as text; a float id ``123.0`` (an id column read with missing
+    values) is the same card as the integer ``123``."""
+    if pd.isna(v):
+        return None
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 class FraudPredictor:
     """See the module docstring. Build with :func:`apps.fraud.spec.train` or :meth:`load`."""
 
@@ -192,13 +202,15 @@ class FraudPredictor:
         if keep_label and label in frame.columns:
             cols.append(label)
         good = frame.loc[ok, cols].copy()
-        good[self.schema.amount_column] = pd.to_numeric(good[self.schema.amount_column], errors="coerce")
+        good[self.schema.amount_column] = pd.to_numeric(
+            good[self.schema.amount_column], errors="coerce"
+        )
         for col in self.schema.numeric_columns:
             good[col] = pd.to_numeric(good[col], errors="coerce")
         for col in self.schema.categorical_columns + tuple(
             c for c in (self.schema.card_column, self.schema.terminal_column) if c
         ):
-            good[col] = good[col].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+            good[col] = good[col].map(_id_text).astype(object)
         good[TS] = ts[ok].to_numpy()
         pl_frame = pl.from_pandas(good.reset_index(drop=True))
         return canonical_frame(pl_frame, self.schema), reasons
@@ -211,11 +223,15 @@ class FraudPredictor:
     def explain_inputs(self, arrays: dict[str, np.ndarray], top: int | None = None) -> list[str]:
         """``"feat=+0.21; feat2=-0.05"`` per row: the ``top`` largest |contributions|."""
         top = top or int(self.options["n_reasons"])
-        names = self.inputs.feature_columns.all + (["card_history"] if self.model.history_len else [])
+        names = self.inputs.feature_columns.all + (
+            ["card_history"] if self.model.history_len else []
+        )
         out: list[str] = []
         bs = 512
         for s in range(0, len(arrays["x_num"]), bs):
-            batch = {k: torch.from_numpy(np.ascontiguousarray(v[s : s + bs])) for k, v in arrays.items()}
+            batch = {
+                k: torch.from_numpy(np.ascontiguousarray(v[s : s + bs])) for k, v in arrays.items()
+            }
             _, contrib = self.model.attributions(batch)
             c = contrib.numpy()
             for row in c:
@@ -235,7 +251,11 @@ class FraudPredictor:
         expl = np.full(n, None, dtype=object)
         ok = np.flatnonzero(reasons.isna().to_numpy())
         if len(ok):
-            hist = self._valid_polars(history, keep_label=True)[0] if history is not None else self._history_frame()
+            hist = (
+                self._valid_polars(history, keep_label=True)[0]
+                if history is not None
+                else self._history_frame()
+            )
             new = good.with_columns(pl.lit(True).alias(_NEW))
             if hist is not None and hist.height:
                 first = new.get_column(TS).min()
@@ -249,7 +269,11 @@ class FraudPredictor:
             else:
                 both = new
             inputs = self.inputs.transform(both.drop(_NEW) if _NEW in both.columns else both)
-            rows = np.flatnonzero(both.get_column(_NEW).to_numpy()) if _NEW in both.columns else np.arange(both.height)
+            rows = (
+                np.flatnonzero(both.get_column(_NEW).to_numpy())
+                if _NEW in both.columns
+                else np.arange(both.height)
+            )
             arrays = inputs.take(rows)
             _, s = self.score_inputs(arrays)
             score[ok] = s
@@ -264,10 +288,13 @@ class FraudPredictor:
         out.update(
             score=score,
             decision=decision,
-            reasons=pd.Series(expl, dtype=object).to_numpy(),
-            reject_reason=reasons.to_numpy(),
         )
-        return pd.DataFrame(out, index=frame.index)
+        result = pd.DataFrame(out, index=frame.index)
+        # object columns with None (not a string dtype with NaN): None = valid / no alert
+        result["reasons"] = pd.Series(list(expl), index=frame.index, dtype=object)
+        rejects = [r if isinstance(r, str) else None for r in reasons.tolist()]
+        result["reject_reason"] = pd.Series(rejects, index=frame.index, dtype=object)
+        return result
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path) -> None:

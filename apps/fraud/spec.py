@@ -47,7 +47,9 @@ def train(cfg: FraudConfig, run: Any = None) -> TrainResult:
             mlflow.log_metrics({_metric_key(k): float(v) for k, v in base.items()})
     schema = out.data.schema
     test = out.data.split.test
-    example = out.data.raw[test[:5]].select(out.predictor.input_columns).to_pandas()
+    example = id_columns_as_float(
+        out.data.raw[test[:5]].select(out.predictor.input_columns).to_pandas(), schema
+    )
     return TrainResult(
         predictor=out.predictor,
         evaluation=out.evaluation,
@@ -60,6 +62,16 @@ def train(cfg: FraudConfig, run: Any = None) -> TrainResult:
             "pos_weight": out.extra["pos_weight"],
         },
     )
+
+
+def id_columns_as_float(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
+    """Card / terminal ids as float64 in the serving signature: MLflow's ``long`` columns
+    cannot hold a missing id, which must reach the predictor to be rejected with a reason
+    instead of failing the whole batch."""
+    for col in (schema.card_column, schema.terminal_column):
+        if col and pd.api.types.is_numeric_dtype(frame[col]):
+            frame[col] = frame[col].astype("float64")
+    return frame
 
 
 def evaluate(predictor: FraudPredictor, cfg: FraudConfig) -> EvalResult:
@@ -106,10 +118,10 @@ def demo_score_input(out_dir: Path, cfg: FraudConfig) -> Path:
     sample.loc[3, schema.amount_column] = np.nan
     sample[schema.time_column] = sample[schema.time_column].astype("datetime64[us]")
     sample.loc[7, schema.time_column] = pd.NaT
+    sample = id_columns_as_float(sample, schema)
     if schema.card_column:
-        sample[schema.card_column] = sample[schema.card_column].astype("Int64")
-        # the card's rows stay contiguous: blank the id of a card's LAST row
-        sample.loc[len(sample) - 1, schema.card_column] = pd.NA
+        # the card's rows stay contiguous: blank the id of the file's LAST row
+        sample.loc[len(sample) - 1, schema.card_column] = np.nan
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fraud_input.parquet"

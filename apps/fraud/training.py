@@ -175,7 +175,10 @@ def score_metrics(
     )
     if "alerts_per_day" not in m:
         m["alerts_per_day"] = float(
-            pl.DataFrame({"d": days, "a": scores >= threshold}).group_by("d").agg(pl.col("a").sum())["a"].mean()
+            pl.DataFrame({"d": days, "a": scores >= threshold})
+            .group_by("d")
+            .agg(pl.col("a").sum())["a"]
+            .mean()
         )
     m["recall_at_alert_budget"] = m["recall_at_threshold"]
     return m
@@ -273,7 +276,9 @@ def fit(
         base_scores = baseline.decision_function(x[split.test])
 
     evaluation = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr)
-    return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, {"pos_weight": pos_weight})
+    return FitOutput(
+        predictor, data, mi, evaluation, baseline, split.valid, {"pos_weight": pos_weight}
+    )
 
 
 def evaluate_inputs(
@@ -309,7 +314,9 @@ def evaluate_inputs(
         figs["pr_curve"] = pr_curves_figure(
             data.y[test], curves, title=f"Precision-recall, {data.schema.name} test", thresholds=thr
         )
-    return EvalResult(metrics=metrics, protocol=protocol_text(cfg, data), figures=figs, tables=tables)
+    return EvalResult(
+        metrics=metrics, protocol=protocol_text(cfg, data), figures=figs, tables=tables
+    )
 
 
 def evaluate_predictor(

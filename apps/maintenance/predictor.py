@@ -78,9 +78,7 @@ def apply_normalizer(state: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame
             d2 = ((z[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
             cond = np.asarray(state["remap"])[d2.argmin(axis=1)].astype(np.int64)
         else:
-            keys = np.stack(
-                [np.round(s[:, j], d) for j, d in enumerate(state["decimals"])], axis=1
-            )
+            keys = np.stack([np.round(s[:, j], d) for j, d in enumerate(state["decimals"])], axis=1)
             lookup = {tuple(r): i for i, r in enumerate(np.asarray(state["table"]) + 0.0)}
             cond = np.array([lookup.get(tuple(r), -1) for r in keys + 0.0], dtype=np.int64)
             if (cond < 0).any():
@@ -283,6 +281,8 @@ class MaintenancePredictor:
         traj = self._trajectories(valid)
         traj["reject_reason"] = None
         if reasons:
-            bad = pd.DataFrame({s.asset_column: list(reasons), "reject_reason": list(reasons.values())})
+            bad = pd.DataFrame(
+                {s.asset_column: list(reasons), "reject_reason": list(reasons.values())}
+            )
             traj = pd.concat([traj, bad], ignore_index=True)
         return traj

@@ -73,16 +73,16 @@ SPEC = AppSpec(
 
 def demo_score_input(out_dir: Path, cfg: MaintenanceConfig) -> Path:
     """A sensor table to batch-score: the test units' readings, one asset made invalid (a
-    text value in a sensor), so the demo shows a rejected asset next to scored ones."""
+    missing sensor value), so the demo shows a rejected asset next to scored ones. (Text in a
+    numeric column would be refused earlier, for the whole chunk, by the MLflow signature.)"""
     data = prepare_data(cfg)
     frame = input_example(data, n_units=10**6, max_rows=10**6)
     s = data.schema
     assets = list(pd.unique(frame[s.asset_column]))
     bad = assets[min(1, len(assets) - 1)]
     col = s.sensor_columns[0]
-    frame[col] = frame[col].astype(object)
     rows = np.flatnonzero((frame[s.asset_column] == bad).to_numpy())
-    frame.loc[rows[len(rows) // 2], col] = "sensor fault"
-    path = Path(out_dir) / "maintenance_input.csv"
-    atomic_write(path, lambda p: frame.to_csv(p, index=False))
+    frame.loc[rows[len(rows) // 2], col] = np.nan
+    path = Path(out_dir) / "maintenance_input.parquet"
+    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
     return path

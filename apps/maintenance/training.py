@@ -152,7 +152,9 @@ def fit(
     )
     losses: list[float] = []
     if cfg.pretrain_epochs > 0:
-        dev = device or ("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+        dev = device or (
+            "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+        )
         losses = pretrain_masked(
             model,
             w_train.x,

@@ -24,3 +24,15 @@ def synthetic_small(tmp_path: Path) -> tuple[pl.DataFrame, Path]:
 @pytest.fixture
 def synthetic_schema() -> FraudSchema:
     return load_schema("synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_fraud_run(tmp_path_factory):
+    """One tiny backbone + baseline training on a small synthetic file, shared by the
+    model / predictor / estimator tests (a few seconds on one core)."""
+    from apps.fraud.training import fit
+    from tests.apps.fraud.fraud_model_helpers import tiny_config
+
+    folder = tmp_path_factory.mktemp("fraud_tiny")
+    cfg = tiny_config(folder)
+    return cfg, fit(cfg)

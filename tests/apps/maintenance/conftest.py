@@ -7,6 +7,8 @@ import torch
 
 from apps.maintenance.config import MaintenanceConfig, demo_config
 
+torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more threads
+
 
 def tiny_config(**trainer: object) -> MaintenanceConfig:
     """The demo fleet with a tiny model and few epochs (seconds on one core)."""
@@ -23,6 +25,5 @@ def tiny_config(**trainer: object) -> MaintenanceConfig:
 def tiny_fit():
     from apps.maintenance.training import fit
 
-    torch.set_num_threads(1)
     cfg = tiny_config()
     return cfg, fit(cfg)

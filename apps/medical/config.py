@@ -1,0 +1,201 @@
+"""Configuration of the lung-nodule detector (``MedicalConfig``), YAML round-trip.
+
+Everything a run needs is plain data here, so a registered model is rebuilt from its YAML
+and ``state_dict`` alone. Spacing/crop/patch sizes are in voxels of the *resampled* grid
+(``spacing_zyx`` mm per voxel), z first, as arrays are indexed ``[z, y, x]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps.medical.errors import MedicalDataError
+from core.config import AttentionConfig, BackboneConfig, MoEConfig
+from core.configio import YamlConfig
+from core.engine import OptimConfig, TrainerConfig
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _small_backbone(d_model: int = 64, n_layers: int = 2, top_k: int | None = 32) -> BackboneConfig:
+    return BackboneConfig(
+        d_model=d_model,
+        n_layers=n_layers,
+        ffn_hidden=2 * d_model,
+        attention=AttentionConfig(n_heads=4, gated=True, top_k=top_k),
+        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=d_model),
+        n_dense_layers=1,
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where the series and LUNA16 CSVs live, and how they are split by series.
+
+    ``root``: a folder with ``dicom/<uid>/``, ``annotations.csv``,
+    ``annotations_excluded.csv``, ``seriesuids.csv`` (relative paths are taken from the
+    project root). ``generate``: when set (``{"n_series": 32, "size": "small", "seed": 7}``)
+    the folder is (re)generated with :func:`apps.medical.synthetic.generate_dataset` under
+    ``cache_dir`` when absent. ``heldout_fraction`` of the series (at least one, chosen by a
+    seeded shuffle of the UID list, so by series, never by crop) is held out for
+    evaluation; ``heldout_fraction=0`` evaluates on the training series (demo only: it
+    then measures memorisation, and says so in the protocol).
+    """
+
+    root: str = "data_samples/medical"
+    generate: dict | None = None
+    cache_dir: str = "~/.cache/keel/medical"
+    heldout_fraction: float = 0.25
+    split_seed: int = 0
+
+    def resolved_root(self) -> Path:
+        if self.generate:
+            n, size, seed = (
+                int(self.generate.get("n_series", 8)),
+                str(self.generate.get("size", "small")),
+                int(self.generate.get("seed", 0)),
+            )
+            base = Path(os.environ.get("KEEL_MEDICAL_CACHE", self.cache_dir)).expanduser()
+            return base / f"synthetic_{size}_n{n}_seed{seed}"
+        p = Path(self.root).expanduser()
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+@dataclass
+class DetectorConfig:
+    """Stage 1: per-patch-token nodule probability on sliding windows of ``crop_zyx`` voxels.
+
+    A token is positive when a nodule centre lies within ``pos_radius_mm`` of its patch
+    centre (or inside its patch). ``offset_weight``: weight of the smooth-L1 regression of
+    the nodule centre within the patch (0 turns it off).
+    """
+
+    crop_zyx: tuple[int, int, int] = (32, 32, 32)
+    patch_zyx: tuple[int, int, int] = (4, 4, 4)
+    stride_zyx: tuple[int, int, int] = (24, 24, 24)
+    pos_radius_mm: float = 6.0
+    offset_weight: float = 1.0
+    pos_weight: float = 4.0
+    crops_per_nodule: int = 12
+    neg_crops_per_scan: int = 16
+    jitter_vox: int = 10
+    batch_size: int = 8
+    threshold: float = 0.05
+    nms_radius_mm: float = 8.0
+    max_candidates: int = 100
+    backbone: BackboneConfig = field(default_factory=_small_backbone)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(
+            max_epochs=6,
+            precision="32",
+            monitor=None,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=5,
+        )
+    )
+
+
+@dataclass
+class FPReductionConfig:
+    """Stage 2: one probability per candidate from a ``crop_zyx`` crop around it (CLS token).
+
+    Trained on jittered crops at true nodules (positives) and at stage-1 false positives on
+    the TRAINING series plus random lung points (negatives). ``enabled=False`` keeps the
+    stage-1 probability as the final one.
+    """
+
+    enabled: bool = True
+    crop_zyx: tuple[int, int, int] = (16, 16, 16)
+    patch_zyx: tuple[int, int, int] = (4, 4, 4)
+    crops_per_nodule: int = 8
+    jitter_vox: int = 2
+    random_neg_per_scan: int = 16
+    max_hard_neg_per_scan: int = 40
+    batch_size: int = 16
+    backbone: BackboneConfig = field(
+        default_factory=lambda: _small_backbone(d_model=64, n_layers=2, top_k=None)
+    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(
+            max_epochs=6,
+            precision="32",
+            monitor=None,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=5,
+        )
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """Optional masked-token pretraining of the stage-1 backbone on unlabeled lung crops."""
+
+    enabled: bool = False
+    steps: int = 50
+    mask_ratio: float = 0.4
+    lr: float = 1e-3
+    batch_size: int = 8
+
+
+@dataclass
+class MedicalConfig(YamlConfig):
+    """One training run of the two-stage nodule detector."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    spacing_zyx: tuple[float, float, float] = (2.5, 2.5, 2.5)
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+    lung_mask: bool = True
+    lung_margin_mm: float = 8.0
+    refine_centroid: bool = True
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    fp_reduction: FPReductionConfig = field(default_factory=FPReductionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sr_threshold: float = 0.5
+    output_dir: str = "keel_outputs/medical"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.spacing_zyx = tuple(float(s) for s in self.spacing_zyx)  # type: ignore[assignment]
+        if len(self.spacing_zyx) != 3 or min(self.spacing_zyx) <= 0:
+            raise MedicalDataError(f"spacing_zyx={self.spacing_zyx}; expected 3 positive mm")
+        for name, crop, patch in (
+            ("detector", self.detector.crop_zyx, self.detector.patch_zyx),
+            ("fp_reduction", self.fp_reduction.crop_zyx, self.fp_reduction.patch_zyx),
+        ):
+            if any(int(c) % int(p) for c, p in zip(crop, patch, strict=True)):
+                raise MedicalDataError(
+                    f"{name}.crop_zyx={tuple(crop)} must be a multiple of patch_zyx={tuple(patch)}"
+                )
+        if any(
+            int(s) % int(p) or int(s) < 1 or int(s) > int(c)
+            for s, p, c in zip(
+                self.detector.stride_zyx,
+                self.detector.patch_zyx,
+                self.detector.crop_zyx,
+                strict=True,
+            )
+        ):
+            raise MedicalDataError(
+                f"detector.stride_zyx={tuple(self.detector.stride_zyx)} must be a positive "
+                f"multiple of patch_zyx={tuple(self.detector.patch_zyx)} and <= crop_zyx"
+            )
+
+    @classmethod
+    def named(cls, name: str) -> MedicalConfig:
+        """``demo`` / ``synthetic_bench`` -> the YAML under ``apps/medical/configs``."""
+        return cls.from_yaml(CONFIG_DIR / f"{name}.yaml")
+
+
+def demo_config() -> MedicalConfig:
+    return MedicalConfig.named("demo")
