@@ -152,3 +152,21 @@ class BackboneConfig:
         if not isinstance(data, dict):
             raise ValueError(f"BackboneConfig YAML must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def small_backbone(
+    d_model: int = 64, n_layers: int = 2, top_k: int | None = None, dropout: float = 0.0
+) -> BackboneConfig:
+    """The apps' default small model: gated DGA (4 heads), MoE of 4 experts top-2 + 1 shared.
+
+    FFN and expert widths scale with ``d_model`` (2x and 1x); the first layer is dense.
+    """
+    return BackboneConfig(
+        d_model=d_model,
+        n_layers=n_layers,
+        ffn_hidden=2 * d_model,
+        attention=AttentionConfig(n_heads=4, gated=True, top_k=top_k),
+        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=d_model),
+        n_dense_layers=1,
+        dropout=dropout,
+    )

@@ -17,7 +17,8 @@ from typing import Any
 
 from apps.fraud.errors import FraudConfigError
 from apps.fraud.features import FeatureConfig
-from core.config import AttentionConfig, BackboneConfig, MoEConfig
+from core.config import BackboneConfig
+from core.config import small_backbone as core_small_backbone
 from core.configio import YamlConfig
 from core.engine import TrainerConfig
 from core.optim import OptimConfig
@@ -127,15 +128,7 @@ class BaselineConfig:
 
 
 def _small_backbone() -> BackboneConfig:
-    return BackboneConfig(
-        d_model=64,
-        n_layers=2,
-        ffn_hidden=128,
-        attention=AttentionConfig(n_heads=4, gated=True, top_k=None),
-        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=64),
-        n_dense_layers=1,
-        dropout=0.1,
-    )
+    return core_small_backbone(dropout=0.1)
 
 
 @dataclass

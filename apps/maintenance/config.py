@@ -16,7 +16,8 @@ from pathlib import Path
 from apps.maintenance._io import PROJECT_ROOT
 from apps.maintenance.cmapss import default_cmapss_dir
 from apps.maintenance.errors import MaintenanceDataError
-from core.config import AttentionConfig, BackboneConfig, MoEConfig
+from core.config import BackboneConfig
+from core.config import small_backbone as core_small_backbone
 from core.configio import YamlConfig
 from core.engine import TrainerConfig
 from core.optim import OptimConfig
@@ -85,16 +86,7 @@ class AlarmConfig(YamlConfig):
 
 
 def small_backbone() -> BackboneConfig:
-    """d_model 64, 2 layers, gated dynamic-graph attention, MoE 4 experts top-2 + 1 shared."""
-    return BackboneConfig(
-        d_model=64,
-        n_layers=2,
-        ffn_hidden=128,
-        attention=AttentionConfig(n_heads=4, gated=True, top_k=None),
-        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=64),
-        n_dense_layers=1,
-        dropout=0.1,
-    )
+    return core_small_backbone(dropout=0.1)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.medical.errors import MedicalDataError
-from core.config import AttentionConfig, BackboneConfig, MoEConfig
+from core.config import BackboneConfig
+from core.config import small_backbone as core_small_backbone
 from core.configio import YamlConfig
 from core.engine import OptimConfig, TrainerConfig
 
@@ -21,14 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_backbone(d_model: int = 64, n_layers: int = 2, top_k: int | None = 32) -> BackboneConfig:
-    return BackboneConfig(
-        d_model=d_model,
-        n_layers=n_layers,
-        ffn_hidden=2 * d_model,
-        attention=AttentionConfig(n_heads=4, gated=True, top_k=top_k),
-        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=1, expert_hidden=d_model),
-        n_dense_layers=1,
-    )
+    return core_small_backbone(d_model, n_layers, top_k)
 
 
 @dataclass
