@@ -395,6 +395,21 @@ class TrainerConfig:
                 "TrainerConfig.early_stopping_patience needs a monitor metric (monitor=None)"
             )
 
+    @classmethod
+    def quiet(cls, max_epochs: int, **overrides: Any) -> TrainerConfig:
+        """fp32, no checkpoints, progress bar, model summary or sanity validation: the
+        defaults of small app and test runs whose results go to MLflow instead."""
+        settings: dict[str, Any] = {
+            "max_epochs": max_epochs,
+            "precision": "32",
+            "monitor": None,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        }
+        return cls(**{**settings, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 

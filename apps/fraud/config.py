@@ -148,15 +148,7 @@ class FraudConfig(YamlConfig):
         default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.01)
     )
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(
-            max_epochs=4,
-            precision="32",
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=20,
-        )
+        default_factory=lambda: TrainerConfig.quiet(4, monitor="val/loss", log_every_n_steps=20)
     )
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -106,17 +106,7 @@ class MaintenanceConfig(YamlConfig):
     pretrain_lr: float = 1e-3
     model: BackboneConfig = field(default_factory=small_backbone)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50))
-    trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(
-            max_epochs=30,
-            precision="32",
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            monitor=None,
-        )
-    )
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig.quiet(30))
     seed: int = 0
     eval_plot_units: int = 4
 

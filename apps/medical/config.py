@@ -83,16 +83,7 @@ class DetectorConfig:
     backbone: BackboneConfig = field(default_factory=_small_backbone)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(
-            max_epochs=6,
-            precision="32",
-            monitor=None,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            log_every_n_steps=5,
-        )
+        default_factory=lambda: TrainerConfig.quiet(6, log_every_n_steps=5)
     )
 
 
@@ -118,16 +109,7 @@ class FPReductionConfig:
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(
-            max_epochs=6,
-            precision="32",
-            monitor=None,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            log_every_n_steps=5,
-        )
+        default_factory=lambda: TrainerConfig.quiet(6, log_every_n_steps=5)
     )
 
 
