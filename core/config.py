@@ -40,7 +40,8 @@ class AttentionConfig:
     # with that boolean graph as its mask (tensor cores, no gather; O(B*H*T^2) bits of mask).
     # "gather": chunked top-k + gather of the k value rows (O(B*H*T*k) memory; long inputs).
     # "flex": the same threshold inside FlexAttention's fused kernel (CUDA; no dropout; opt-in).
-    # "auto": "mask" while the mask fits ``mask_budget``, else "gather".
+    # "auto": "flex" when compiled on CUDA without dropout; else "mask" while the mask
+    # fits ``mask_budget``, else "gather".
     topk_impl: str = "auto"
     mask_budget: int = 1 << 30
 

@@ -121,6 +121,43 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     return _probe_cache[key]
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """``x_ND[token_M]`` (each token copied to its k expert slots, sorted by expert).
+
+    Autograd's backward for an index with repeated rows is a scatter-add (atomics, slow in
+    bf16). Here the inverse permutation is known, so the backward is a gather of each
+    token's k slot gradients and a sum over k: no atomics, deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, token_M: torch.Tensor, inv_M: torch.Tensor, k: int):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(inv_M)
+        ctx.k = k
+        return x_ND[token_M]
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):  # noqa: ANN001, ANN205
+        (inv_M,) = ctx.saved_tensors
+        N = inv_M.numel() // ctx.k
+        grad_ND = grad_MD[inv_M].view(N, ctx.k, -1).sum(dim=1)
+        return grad_ND, None, None, None
+
+
+class _UnpermuteSlots(torch.autograd.Function):
+    """``y_MD[inv_M]`` (expert outputs back to token-major slot order); a permutation, so
+    its backward is the gather by the forward permutation, not a scatter."""
+
+    @staticmethod
+    def forward(ctx, y_MD: torch.Tensor, inv_M: torch.Tensor, order_M: torch.Tensor):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(order_M)
+        return y_MD[inv_M]
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):  # noqa: ANN001, ANN205
+        (order_M,) = ctx.saved_tensors
+        return grad_MD[order_M], None, None
+
+
 class MoEFeedForward(nn.Module):
     """Sparse MoE FFN: E routed SwiGLU experts (top-k, sigmoid router) + shared experts.
 
@@ -242,7 +279,10 @@ class MoEFeedForward(nn.Module):
             0, flat_e_M, torch.ones_like(flat_e_M, dtype=torch.int32)
         )
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        x_MD = x_ND.to(dt)[token_M]
+        inv_M = torch.empty_like(order_M).scatter_(
+            0, order_M, torch.arange(order_M.numel(), device=order_M.device)
+        )
+        x_MD = _PermuteTokens.apply(x_ND.to(dt), token_M, inv_M, K)
         # w1 and w3 run as ONE grouped matmul of width 2F: twice the work per launch and
         # one read of x_MD instead of two, which matters at fine-grained expert widths.
         w13 = torch.cat([self.w1_EFD, self.w3_EFD], dim=1).to(dt).transpose(-2, -1)  # [E, D, 2F]
@@ -251,10 +291,7 @@ class MoEFeedForward(nn.Module):
         y_MD = GROUPED_MM(F.silu(h1_MF) * h3_MF, w2, offs=offs_E)
         # Un-permute (inverse of the sort) and weight-sum the k slots of each token; bmm
         # accumulates in fp32 and rounds once, without an fp32 copy of the [N, K, D] outputs.
-        inv_M = torch.empty_like(order_M).scatter_(
-            0, order_M, torch.arange(order_M.numel(), device=order_M.device)
-        )
-        y_NKD = y_MD[inv_M].view(N, K, D)
+        y_NKD = _UnpermuteSlots.apply(y_MD, inv_M, order_M).view(N, K, D)
         return torch.bmm(combine_NK.unsqueeze(1).to(y_NKD.dtype), y_NKD).squeeze(1)
 
     def _routed_dense(

@@ -1,0 +1,195 @@
+"""Per-query top-k threshold of attention logits: the k-th largest ``q . k / sqrt(d)``.
+
+The DGA top-k graph keeps, for each query, the keys whose logit is at least that query's
+k-th largest logit. Only the threshold [B, H, T] is needed to apply the graph inside a
+fused attention kernel (FlexAttention ``score_mod``), so materialising the [B, H, T, S]
+logits in memory and running ``torch.topk`` over them (what the readable path does) is
+pure overhead: on an H200 at B=32, H=16, T=S=512 it was most of the top-k cost.
+
+:func:`topk_threshold` is a ``torch.library`` custom op:
+
+* CUDA (head width a power of two in [16, 256], S <= 1024): one Triton kernel per
+  (query block, batch*head) computes the logit tile ``Q_blk K^T`` in float32 registers
+  and finds each row's k-th largest by radix select on the float bits (32 compare-and-
+  count passes; a bitonic ``tl.sort`` measured slower than ``torch.topk``). Nothing of
+  size T x S touches memory.
+* elsewhere (CPU, other shapes): float32 logits and ``torch.topk``, the reference.
+
+Both score in float32 from the same (bf16 or fp32) q and k, as FlexAttention does, so the
+kernel and the attention agree on which keys clear the threshold up to summation order;
+callers subtract a tiny margin (:data:`TIE_MARGIN`) so the k-th key itself, whose score
+the attention kernel may round a hair lower, is never lost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Relative margin below the k-th logit that still counts as kept: far below the typical gap
+# between neighbouring order statistics of float32 logits, far above float32 rounding.
+TIE_MARGIN = 1e-5
+
+try:  # Triton ships with CUDA builds of torch only
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU wheel
+    _HAS_TRITON = False
+
+
+def topk_threshold_reference(
+    q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tensor | None = None
+) -> Tensor:
+    """Readable reference: float32 logits, ``topk``, smallest kept value. [B, H, T] float32."""
+    scale = 1.0 / math.sqrt(q_BHTd.shape[-1])
+    logits_BHTS = torch.matmul(q_BHTd.float(), k_BHSd.float().transpose(-2, -1)) * scale
+    if key_pad_BS is not None:
+        logits_BHTS = logits_BHTS.masked_fill(key_pad_BS[:, None, None, :], float("-inf"))
+    k = min(top_k, logits_BHTS.shape[-1])
+    return logits_BHTS.topk(k, dim=-1, sorted=False).values.amin(dim=-1)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _threshold_kernel(
+        Q,
+        K,
+        PAD,
+        OUT,
+        sqb,
+        sqh,
+        sqt,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        spb,
+        sps,
+        H,
+        T,
+        S,
+        scale,
+        TOPK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HEAD_D: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+            mask=offs_m[:, None] < T,
+            other=0.0,
+        )
+        k = tl.load(
+            K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :] * skd,
+            mask=offs_s[:, None] < S,
+            other=0.0,
+        )
+        # float32 inputs: full-precision products (Triton's default for fp32 is TF32, whose
+        # rounded logits would pick a different k-th key than the attention kernel scores)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale  # bf16/fp16 products are exact in fp32
+        invalid = offs_s >= S
+        if HAS_PAD:
+            pad = tl.load(PAD + b * spb + offs_s * sps, mask=offs_s < S, other=1)
+            invalid = invalid | (pad != 0)
+        s = tl.where(invalid[None, :], float("-inf"), s)
+        # Radix select, most significant bit first: map float32 to integer keys whose order
+        # is the float order (shifted into [0, 2^32) as int64, so no unsigned arithmetic),
+        # then build the largest key t with #(keys >= t) >= TOPK one bit at a time.
+        # 32 compare-and-count passes over registers; no sort, nothing written to memory.
+        bits = s.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+        ans = tl.zeros([BLOCK_M], dtype=tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            cand = ans + (1 << bit)
+            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            ans = tl.where(cnt >= TOPK, cand, ans)
+        kbits = (ans - 2147483648).to(tl.int32)
+        thr = (kbits ^ ((kbits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        tl.store(OUT + pid_bh * T + offs_m, thr, mask=offs_m < T)
+
+
+def _triton_ok(q: Tensor, k: Tensor) -> bool:
+    d, S = q.shape[-1], k.shape[-2]
+    return (
+        _HAS_TRITON
+        and q.is_cuda
+        and d in (16, 32, 64, 128, 256)
+        and S <= 1024
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and k.dtype == q.dtype
+    )
+
+
+@torch.library.custom_op("keel::topk_threshold", mutates_args=())
+def topk_threshold(q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tensor | None) -> Tensor:
+    """Each query's k-th largest logit, [B, H, T] float32 (``-inf`` where fewer real keys).
+
+    No gradient: top-k selection is piecewise constant in the logits.
+    """
+    if not _triton_ok(q_BHTd, k_BHSd):
+        return topk_threshold_reference(q_BHTd, k_BHSd, top_k, key_pad_BS)
+    B, H, T, d = q_BHTd.shape
+    S = k_BHSd.shape[2]
+    k = min(top_k, S)
+    out = torch.empty(B, H, T, device=q_BHTd.device, dtype=torch.float32)
+    block_s = max(16, triton.next_power_of_2(S))
+    block_m = 16 if block_s >= 512 else 32
+    pad = key_pad_BS if key_pad_BS is not None else out  # dummy pointer when HAS_PAD=False
+    spb, sps = (pad.stride(0), pad.stride(1)) if key_pad_BS is not None else (0, 0)
+    grid = (triton.cdiv(T, block_m), B * H)
+    _threshold_kernel[grid](
+        q_BHTd,
+        k_BHSd,
+        pad.view(torch.uint8) if key_pad_BS is not None else pad,
+        out,
+        *q_BHTd.stride(),
+        *k_BHSd.stride(),
+        spb,
+        sps,
+        H,
+        T,
+        S,
+        1.0 / math.sqrt(d),
+        TOPK=k,
+        BLOCK_M=block_m,
+        BLOCK_S=block_s,
+        HEAD_D=d,
+        HAS_PAD=key_pad_BS is not None,
+        IEEE=q_BHTd.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
+
+
+@topk_threshold.register_fake
+def _(q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tensor | None) -> Tensor:
+    return q_BHTd.new_empty(q_BHTd.shape[:-1], dtype=torch.float32)
+
+
+def keep_threshold(
+    q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tensor | None = None
+) -> Tensor:
+    """The threshold a fused kernel compares float32 scores with: k-th logit minus a margin."""
+    kth_BHT = topk_threshold(q_BHTd.detach(), k_BHSd.detach(), top_k, key_pad_BS)
+    return kth_BHT - TIE_MARGIN * kth_BHT.abs()
+
+
+__all__ = ["TIE_MARGIN", "keep_threshold", "topk_threshold", "topk_threshold_reference"]
