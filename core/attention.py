@@ -329,11 +329,14 @@ def attention_reference(
     module: DynamicGraphAttention,
     x_BTD: torch.Tensor,
     padding_mask_BT: torch.Tensor | None = None,
+    tie_margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Readable einsum version of :class:`DynamicGraphAttention` (no dropout), for tests.
 
     Builds all T x T logits, masks padding and (for top-k) every key whose logit is below
     the query's k-th largest, then a dense softmax. Returns ``(out_BTD, weights_BHTT)``.
+    ``tie_margin``: keep keys down to ``kth - tie_margin * |kth|``, the flex path's rule
+    (:data:`core.topk_threshold.TIE_MARGIN`), for exact comparisons with it.
     """
     B, T, D = x_BTD.shape
     H, d = module.n_heads, module.head_dim
@@ -350,7 +353,7 @@ def attention_reference(
     top_k = module.cfg.top_k
     if top_k is not None and top_k < T:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth - tie_margin * kth.abs(), float("-inf"))
     weights = torch.softmax(logits, dim=-1)
     o = torch.einsum("bhij,bhjd->bhid", weights, v)
     if module.gate is not None:
