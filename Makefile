@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing keel into $(VENV) ..."
-	@$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev,fraud,medical]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev,fraud,medical,spark]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $@
 
 venv: $(STAMP)
