@@ -8,6 +8,7 @@ Nothing is pickled, so ``mlflow.pyfunc.load_model`` runs no stored code.
 from __future__ import annotations
 
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,37 @@ import yaml
 from core.spec import Predictor, load_app_spec
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+# What a served Keel model imports, pinned to the versions it was logged with. Stating them
+# skips MLflow's requirement inference, which loads the model in a subprocess on every
+# log (tens of seconds per registration on a 2-core machine).
+SERVING_DISTRIBUTIONS = (
+    "torch",
+    "lightning",
+    "mlflow",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pyyaml",
+    "scikit-learn",
+    "polars",
+    "lightgbm",
+    "pydicom",
+    "monai",
+    "highdicom",
+)
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` for each installed serving dependency (local build tags dropped)."""
+    reqs = []
+    for dist in SERVING_DISTRIBUTIONS:
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        reqs.append(f"{dist}=={version.split('+')[0]}")
+    return reqs
 
 
 class KeelPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -65,6 +97,7 @@ def log_predictor(
             artifacts={"predictor": str(pred_dir), "keel_meta": str(meta)},
             signature=signature,
             input_example=input_example,
+            pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
             # Read by batch scoring: e.g. a group column whose rows must stay in one chunk.
             metadata={"keel_app": app, **dict(getattr(predictor, "scoring_metadata", {}) or {})},

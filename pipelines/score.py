@@ -212,6 +212,35 @@ def check_columns(required: list[str], present: list[str], path: Path) -> list[s
     return extra
 
 
+def widen_integers(chunk: pd.DataFrame, schema: Any, path: Path) -> pd.DataFrame:
+    """Cast integer columns the signature declares as float/double, when exact.
+
+    MLflow's schema enforcement refuses int64 -> float64 ("can not safely convert"), yet ids
+    and counts often arrive as integers in a file while the model was logged from a frame
+    holding them as floats. Integers up to 2**53 convert exactly, so those are cast; a
+    larger value would change, and the column is refused with its name and the value.
+    """
+    if schema is None or not hasattr(schema, "inputs"):
+        return chunk
+    out = chunk
+    for spec in schema.inputs:
+        name, kind = getattr(spec, "name", None), str(getattr(spec, "type", ""))
+        if name not in chunk or not pd.api.types.is_integer_dtype(chunk[name].dtype):
+            continue
+        if "double" not in kind and "float" not in kind:
+            continue
+        col = chunk[name]
+        if len(col) and int(col.abs().max()) > 2**53:
+            raise ScoringError(
+                f"{path}: column {name!r} holds integer {int(col.abs().max())}, beyond 2**53, "
+                f"which the model's float64 input cannot represent exactly"
+            )
+        if out is chunk:
+            out = chunk.copy()
+        out[name] = col.astype("float64")
+    return out
+
+
 def score(
     model_uri: str,
     input_path: str | Path,
@@ -285,7 +314,7 @@ def score(
             if part.exists():
                 report.chunks_resumed += 1
             else:
-                scored = model.predict(chunk[list(required)])
+                scored = model.predict(widen_integers(chunk[list(required)], schema, inp))
                 if len(scored) == len(chunk):
                     scored.insert(0, "input_row", range(row_offset, row_offset + len(chunk)))
                 bad = (

@@ -123,3 +123,20 @@ def test_lock_is_exclusive(tmp_path):
                 pass
     with OutputLock(out):
         pass
+
+
+def test_integer_ids_widen_to_the_signature_float_columns_only_when_exact(tmp_path) -> None:
+    import pandas as pd
+    import pytest
+    from mlflow.types import ColSpec, Schema
+
+    from pipelines.score import ScoringError, widen_integers
+
+    schema = Schema([ColSpec("double", "card_id"), ColSpec("long", "n")])
+    chunk = pd.DataFrame({"card_id": [1, 2, 2**53], "n": [1, 2, 3]})
+    out = widen_integers(chunk, schema, tmp_path / "in.parquet")
+    assert out["card_id"].dtype == "float64" and out["n"].dtype == "int64"
+    assert out["card_id"].tolist() == [1.0, 2.0, float(2**53)]
+    assert chunk["card_id"].dtype == "int64"  # the caller's frame is untouched
+    with pytest.raises(ScoringError, match="card_id"):
+        widen_integers(pd.DataFrame({"card_id": [2**53 + 1], "n": [0]}), schema, tmp_path)

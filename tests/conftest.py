@@ -1,0 +1,28 @@
+"""Suite-wide fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+_TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking() -> Iterator[None]:
+    """Put the MLflow tracking URI (process-global, and mirrored into the environment by
+    ``mlflow.set_tracking_uri``) back after each test, so a test that trains and registers
+    into its own temporary store cannot redirect later tests into that store."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved_env = {var: os.environ.get(var) for var in _TRACKING_VARS}
+    saved_uri = tracking_utils._tracking_uri
+    yield
+    for var, value in saved_env.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    tracking_utils._tracking_uri = saved_uri
