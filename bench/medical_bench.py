@@ -1,33 +1,69 @@
-"""Medical bench: LUNA16 FROC of the two-stage detector on held-out synthetic scans.
+"""Medical bench: LUNA16 FROC of the nodule detector on held-out synthetic scans, whole-scan
+inference time, and the rank of LIDC-IDRI-0001's nodule.
 
-Runs without mlflow, pydicom or MONAI once the scans exist as ``.npz``:
+One command does everything on a GPU machine (no mlflow, pydicom only for ``--prepare``,
+MONAI only for ``--monai-retinanet``)::
 
-    # where pydicom is installed (writes npz/ + LUNA16 CSVs, deterministic by seed)
-    python -m bench.medical_bench --prepare keel_outputs/medical_bench_data
-    # anywhere with torch/lightning/scipy/pandas (GPU used when present)
-    python -m bench.medical_bench --data keel_outputs/medical_bench_data
+    python -m bench.medical_bench --data keel_outputs/medical_bench_data --minutes 6 \\
+        --timing --monai-retinanet
 
-Records ``synthetic_sensitivity_at_4fp``, ``synthetic_cpm``, ``synthetic_sensitivity_at_1fp``
-in ``bench/results/medical.json`` (targets: >= 0.94 and >= 0.85). ``--quick`` shrinks the
-training (fewer epochs/crops) for a CPU smoke run; its numbers are labelled as such.
+``--data DIR``: generated there first when ``DIR/seriesuids.csv`` is absent (synthetic
+phantoms as ``npz/`` + LUNA16 CSVs, deterministic by the config's seed; needs pydicom for
+the UIDs). Training uses only the training series (a validation part of them picks the NMS
+radius); the held-out series give ``synthetic_sens_at_4fp`` / ``synthetic_cpm``.
+``--timing``: a fresh process loads the saved model and times whole-scan inference
+(HU array in memory -> resample, lung mask, heat map, candidates) of a 512x512x300 scan
+(0.703 mm pixels, 1 mm slices; a synthetic phantom resampled to that grid): median of
+repeats, ``infer_s_gpu`` or ``infer_s_cpu`` + ``infer_peak_gb_cpu`` (ru_maxrss of that
+process; ``--threads`` torch threads). ``--monai-retinanet``: the same timing for MONAI's
+LUNA16 RetinaNet in the tutorial configuration (random weights; imports torchvision).
+``--lidc``: where LIDC-IDRI-0001's nodule ranks among the candidates (needs pydicom and the
+shared data). ``--cpu-small``: a smaller backbone for CPU runs (labelled).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from apps.medical.config import MedicalConfig
 
+TARGETS = {"sensitivity_at_4fp": 0.94, "cpm": 0.85, "infer_s_cpu": 180.0, "infer_s_gpu": 1.4}
+TIMING_SHAPE_ZYX = (300, 512, 512)
+TIMING_SPACING_ZYX = (1.0, 0.703125, 0.703125)
 
-def prepare(out: Path, cfg: MedicalConfig) -> Path:
-    """The config's synthetic phantoms as ``npz/<uid>.npz`` + LUNA16 CSVs (needs pydicom)."""
+
+# ----------------------------------------------------------------------------- data
+
+
+def _phantom_npz(args: tuple[int, int, str, str]) -> tuple[Any, ...]:
+    import dataclasses
+
     from apps.medical.preprocess import Scan, save_scan_npz
-    from apps.medical.synthetic import SyntheticConfig, luna_frames, make_phantom
+    from apps.medical.synthetic import SyntheticConfig, make_phantom
+
+    seed, i, size, out = args
+    ph = make_phantom(seed, i, SyntheticConfig(size=size))
+    save_scan_npz(Scan(ph.hu, ph.affine, ph.series_uid), Path(out) / "npz" / f"{ph.series_uid}.npz")
+    return dataclasses.replace(
+        ph, hu=ph.hu[:1], lung_mask=ph.lung_mask[:1], nodule_mask=ph.nodule_mask[:1]
+    )
+
+
+def prepare(out: Path, cfg: MedicalConfig, workers: int | None = None) -> Path:
+    """The config's synthetic phantoms as ``npz/<uid>.npz`` + LUNA16 CSVs (needs pydicom)."""
+    from apps.medical.synthetic import luna_frames
 
     gen = cfg.data.generate or {}
     n, size, seed = (
@@ -36,15 +72,15 @@ def prepare(out: Path, cfg: MedicalConfig) -> Path:
         int(gen.get("seed", 7)),
     )
     (out / "npz").mkdir(parents=True, exist_ok=True)
-    phantoms = []
-    for i in range(n):
-        ph = make_phantom(seed, i, SyntheticConfig(size=size))
-        save_scan_npz(Scan(ph.hu, ph.affine, ph.series_uid), out / "npz" / f"{ph.series_uid}.npz")
-        phantoms.append(
-            dataclasses.replace(
-                ph, hu=ph.hu[:1], lung_mask=ph.lung_mask[:1], nodule_mask=ph.nodule_mask[:1]
-            )
-        )
+    jobs = [(seed, i, size, str(out)) for i in range(n)]
+    workers = workers or max(1, min(8, (os.cpu_count() or 1) - 1))
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            phantoms = pool.map(_phantom_npz, jobs)
+    else:
+        phantoms = [_phantom_npz(j) for j in jobs]
     ann, exc, uids = luna_frames(phantoms)
     ann.to_csv(out / "annotations.csv", index=False, float_format="%.4f")
     exc.to_csv(out / "annotations_excluded.csv", index=False, float_format="%.4f")
@@ -52,7 +88,11 @@ def prepare(out: Path, cfg: MedicalConfig) -> Path:
     return out
 
 
-def run(data: Path, cfg: MedicalConfig, label: str) -> dict[str, float]:
+# ----------------------------------------------------------------------------- accuracy
+
+
+def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> dict[str, float]:
+    """Train on the training series, LUNA16 FROC on the held-out ones, record the figures."""
     from apps.medical.data import load_raw_scan, read_truth, split_series
     from apps.medical.data import prepare as prep
     from apps.medical.evaluation import evaluate_scans, froc_metrics
@@ -64,20 +104,28 @@ def run(data: Path, cfg: MedicalConfig, label: str) -> dict[str, float]:
     train, held = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
     t0 = time.time()
     scans = [prep(cfg, load_raw_scan(data, u)) for u in train]
+    t_prep = time.time() - t0
     det = fit_detector(cfg, scans, truth.subset(train))
     fp = (
         fit_fp_reduction(cfg, det, scans, truth.subset(train)) if cfg.fp_reduction.enabled else None
     )
     t_train = time.time() - t0
+    del scans
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = NoduleDetector(cfg, det.to(device), fp.to(device) if fp is not None else None)
-    result, cands = evaluate_scans(
+    if model_dir is not None:
+        predictor.save(model_dir)
+    t1 = time.time()
+    result, _ = evaluate_scans(
         predictor.detect_volume, [load_raw_scan(data, u) for u in held], truth.subset(held)
     )
+    t_eval = time.time() - t1
     m = froc_metrics(result)
+    missed = result.nodules[~result.nodules["detected"]]
     details = {
         "label": label,
         "n_train_series": len(train),
+        "n_validation_series": int(round(cfg.data.val_fraction * len(train))),
         "n_heldout_series": len(held),
         "n_nodules": result.n_nodules,
         "n_detected_any_threshold": result.n_detected,
@@ -85,47 +133,346 @@ def run(data: Path, cfg: MedicalConfig, label: str) -> dict[str, float]:
         "sensitivity_at_fp": {
             f"{r:g}": float(s) for r, s in zip(result.fp_rates, result.sensitivity_at, strict=True)
         },
-        "train_seconds": round(t_train, 1),
+        "missed_diameters_mm": [round(float(d), 1) for d in missed["diameter_mm"]],
+        "nms_radius_mm_chosen_on_validation": cfg.detector.nms_radius_mm,
+        "detector": cfg.detector.kind,
+        "backbone": {
+            "d_model": cfg.detector.backbone.d_model,
+            "n_layers": cfg.detector.backbone.n_layers,
+        },
+        "precision": cfg.detector.trainer.precision,
+        "prepare_seconds": round(t_prep, 1),
+        "train_seconds": round(t_train - t_prep, 1),
+        "train_steps": getattr(det, "train_steps_", None),
+        "batch_size": cfg.detector.batch_size,
+        "heldout_eval_seconds": round(t_eval, 1),
         "protocol": "LUNA16 FROC (apps/medical/froc.py) on held-out synthetic series",
         "targets": {"sensitivity_at_4fp": 0.94, "cpm": 0.85},
     }
-    missed = result.nodules[~result.nodules["detected"]]
-    details["missed_diameters_mm"] = [round(float(d), 1) for d in missed["diameter_mm"]]
-    record("medical", "synthetic_sensitivity_at_4fp", m["sensitivity_at_4fp"], details)
-    record("medical", "synthetic_sensitivity_at_1fp", m["sensitivity_at_1fp"], {"label": label})
-    record("medical", "synthetic_cpm", m["cpm"], {"label": label})
+    record("medical", "synthetic_sens_at_4fp", m["sensitivity_at_4fp"], details)
+    record("medical", "synthetic_cpm", m["cpm"], {"label": label, "see": "synthetic_sens_at_4fp"})
+    record(
+        "medical",
+        "synthetic_sensitivity_at_1fp",
+        m["sensitivity_at_1fp"],
+        {"label": label, "see": "synthetic_sens_at_4fp"},
+    )
     return m
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timing_scan(npz: Path | None = None) -> Any:
+    """A 512x512x300 HU volume (0.703 mm pixels, 1 mm slices): a synthetic "small" phantom
+    (``npz``, else a fresh one; needs pydicom) resampled linearly to that grid, so the
+    anatomy spans the field like a real chest CT."""
+    from scipy import ndimage
+
+    from apps.medical.geometry import make_affine
+    from apps.medical.preprocess import Scan, load_scan_npz
+
+    if npz is not None:
+        hu = load_scan_npz(npz).array
+    else:
+        from apps.medical.synthetic import make_phantom
+
+        hu = make_phantom(7, 0).hu
+    zoom = [t / s for t, s in zip(TIMING_SHAPE_ZYX, hu.shape, strict=True)]
+    big = ndimage.zoom(hu, zoom, order=1, output=np.float32)
+    origin = (-180.0, -180.0, -150.0)
+    return Scan(big, make_affine(TIMING_SPACING_ZYX, origin, np.eye(3)), "1.2.826.0.1.9999.1")
+
+
+def time_inference(
+    model_dir: Path, device: str, threads: int, reps: int, npz: Path | None = None
+) -> dict[str, Any]:
+    """Whole-scan inference of :func:`timing_scan` with the saved predictor (this process)."""
+    from apps.medical.data import prepare as prep
+    from apps.medical.predictor import NoduleDetector
+
+    torch.set_num_threads(threads)
+    scan = timing_scan(npz)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pred = NoduleDetector.load(model_dir)
+    pred.detector.to(device)
+    if pred.fp_model is not None:
+        pred.fp_model.to(device)
+    if device == "cuda":
+        pred.config.detector.batch_size = max(pred.config.detector.batch_size, 64)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2 if device == "cuda" else 1):  # warm-up (allocator, kernels)
+        pred.detect_volume(scan)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, t_prep, n_cands = [], [], 0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        prepared = prep(pred.config, scan, "cuda" if device == "cuda" else None)
+        t1 = time.perf_counter()
+        cands = pred.detect(prepared)
+        sync()
+        t2 = time.perf_counter()
+        times.append(t2 - t0)
+        t_prep.append(t1 - t0)
+        n_cands = len(cands)
+    out = {
+        "seconds_median": statistics.median(times),
+        "seconds_all": [round(t, 3) for t in times],
+        "prepare_seconds_median": statistics.median(t_prep),
+        "input_shape_zyx": list(TIMING_SHAPE_ZYX),
+        "input_spacing_zyx_mm": list(TIMING_SPACING_ZYX),
+        "model_grid_zyx": list(prepared.image.shape),
+        "model_spacing_mm": list(pred.config.spacing_zyx),
+        "n_candidates": n_cands,
+        "device": device,
+        "torch_threads": threads,
+        "peak_rss_gb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "rss_gb_before_model": rss0 / 1024**2,
+    }
+    if device == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def time_monai_retinanet(device: str, threads: int, reps: int) -> dict[str, Any]:
+    """MONAI's LUNA16 RetinaNet (tutorial config: ResNet50-FPN 3-D, returned_layers [1, 2],
+    conv1_t_stride [2, 2, 1], anchors [[6,8,4],[8,6,5],[10,10,6]], sliding window
+    512x512x192, overlap 0.25, bf16/fp16 autocast on GPU) on a resampled 512x512x240 input,
+    random weights. Imports torchvision (only here, never in apps/)."""
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+    from monai.apps.detection.networks.retinanet_network import (
+        RetinaNet,
+        resnet_fpn_feature_extractor,
+    )
+    from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+    from monai.networks.nets import resnet
+
+    torch.set_num_threads(threads)
+    returned_layers, stride = [1, 2], [2, 2, 1]
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[2**k for k in range(len(returned_layers) + 1)],
+        base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]],
+    )
+    backbone = resnet.ResNet(
+        block=resnet.ResNetBottleneck,
+        layers=[3, 4, 6, 3],
+        block_inplanes=resnet.get_inplanes(),
+        n_input_channels=1,
+        conv1_t_stride=stride,
+        conv1_t_size=[max(7, 2 * s + 1) for s in stride],
+    )
+    fe = resnet_fpn_feature_extractor(
+        backbone=backbone,
+        spatial_dims=3,
+        pretrained_backbone=False,
+        returned_layers=returned_layers,
+    )
+    size_div = [s * 2 * 2 ** max(returned_layers) for s in fe.body.conv1.stride]
+    net = RetinaNet(
+        spatial_dims=3,
+        num_classes=1,
+        num_anchors=anchors.num_anchors_per_location()[0],
+        feature_extractor=fe,
+        size_divisible=size_div,
+    )
+    det = RetinaNetDetector(network=net, anchor_generator=anchors, debug=False).to(device)
+    det.set_box_selector_parameters(
+        score_thresh=0.02, topk_candidates_per_level=1000, nms_thresh=0.22, detections_per_img=100
+    )
+    det.set_sliding_window_inferer(
+        roi_size=[512, 512, 192], overlap=0.25, sw_batch_size=1, mode="constant", device=device
+    )
+    det.eval()
+    x = torch.rand(1, 1, 512, 512, 240, device=device)  # MONAI order: [B, C, X, Y, Z]
+
+    def once() -> None:
+        with torch.no_grad(), torch.autocast(device, enabled=device == "cuda"):
+            det([x[0]], use_inferer=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2 if device == "cuda" else 0):
+        once()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return {
+        "seconds_median": statistics.median(times),
+        "seconds_all": [round(t, 3) for t in times],
+        "input_xyz": [512, 512, 240],
+        "config": "MONAI tutorial LUNA16 RetinaNet (random weights), sliding window "
+        "512x512x192 overlap 0.25, autocast on GPU; network + box selection only, "
+        "no resampling",
+        "device": device,
+    }
+
+
+def _subprocess_json(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.medical_bench", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- LIDC
+
+
+def lidc_rank(model_dir: Path, data_root: Path) -> dict[str, Any]:
+    """Rank (1 = top) of the first candidate hitting LIDC-IDRI-0001's LUNA16 nodule."""
+    import pandas as pd
+
+    from apps.medical.dicom_io import find_series, load_series
+    from apps.medical.predictor import NoduleDetector
+    from apps.medical.preprocess import Scan
+
+    pred = NoduleDetector.load(model_dir)
+    groups = find_series(data_root / "medical" / "lidc-idri-0001")
+    ((uid, files),) = groups.items()
+    vol = load_series(files)
+    t0 = time.time()
+    cands = pred.detect_volume(Scan(vol.array, vol.affine, vol.series_uid))
+    seconds = time.time() - t0
+    ann = pd.read_csv(data_root / "medical" / "luna16" / "annotations.csv")
+    ann = ann[ann["seriesuid"] == uid]
+    cands = cands.sort_values("probability", ascending=False).reset_index(drop=True)
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
+    out: dict[str, Any] = {"n_candidates": len(cands), "seconds": round(seconds, 1), "nodules": []}
+    for _, row in ann.iterrows():
+        c = row[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+        r = (row["diameter_mm"] if row["diameter_mm"] > 0 else 10.0) / 2
+        d = np.linalg.norm(xyz - c, axis=1) if len(xyz) else np.zeros(0)
+        hits = np.flatnonzero(d**2 < r**2)
+        out["nodules"].append(
+            {
+                "diameter_mm": float(row["diameter_mm"]),
+                "rank": int(hits[0]) + 1 if len(hits) else None,
+                "probability": float(cands["probability"].iloc[hits[0]]) if len(hits) else None,
+                "nearest_candidate_mm": float(d.min()) if len(d) else None,
+            }
+        )
+    out["top_probabilities"] = [round(float(p), 4) for p in cands["probability"].head(5)]
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _configure(args: argparse.Namespace) -> tuple[MedicalConfig, str]:
+    cfg = MedicalConfig.named(args.config)
+    dc = cfg.detector
+    label = args.config
+    cuda = torch.cuda.is_available()
+    if cuda:
+        dc.trainer.precision = "bf16-mixed"
+        cfg.fp_reduction.trainer.precision = "bf16-mixed"
+        dc.batch_size = max(dc.batch_size, 32)
+    if args.cpu_small:
+        dc.backbone.d_model, dc.backbone.n_layers = 64, 2
+        dc.backbone.ffn_hidden, dc.backbone.moe.expert_hidden = 128, 64
+        dc.backbone.moe.n_routed_experts = 4
+        dc.stem_channels = 12
+        label += " (cpu-small backbone d64 L2)"
+    if args.epochs is not None:
+        dc.trainer.max_epochs = args.epochs
+    if args.samples is not None:
+        dc.samples_per_epoch = args.samples
+    if args.minutes is not None:
+        dc.train_minutes = args.minutes
+        label += f" ({args.minutes:g} min training budget)"
+    label += " on " + ("GPU bf16-mixed" if cuda else f"CPU {torch.get_num_threads()} threads")
+    return cfg, label
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="synthetic_bench")
-    ap.add_argument("--prepare", type=Path, help="write npz scans + CSVs here and exit")
-    ap.add_argument("--data", type=Path, help="folder with npz/ + LUNA16 CSVs")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: 4 epochs, fewer crops")
+    ap.add_argument("--prepare", type=Path, help="only write npz scans + CSVs here")
+    ap.add_argument("--data", type=Path, help="folder with npz/ + LUNA16 CSVs (made if absent)")
+    ap.add_argument("--model-dir", type=Path, help="save/load the predictor here")
+    ap.add_argument("--minutes", type=float, help="stage-1 training wall-time budget")
+    ap.add_argument("--epochs", type=int, help="stage-1 max epochs")
+    ap.add_argument("--samples", type=int, help="stage-1 crops per epoch")
+    ap.add_argument("--cpu-small", action="store_true", help="smaller backbone for CPU runs")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing")
+    ap.add_argument("--timing", action="store_true", help="time whole-scan inference")
+    ap.add_argument("--timing-reps", type=int, default=None)
+    ap.add_argument("--monai-retinanet", action="store_true", help="time MONAI's RetinaNet")
+    ap.add_argument("--lidc", action="store_true", help="rank of LIDC-IDRI-0001's nodule")
+    ap.add_argument("--skip-train", action="store_true", help="use the saved --model-dir")
+    ap.add_argument("--time-model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--time-monai", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = MedicalConfig.named(args.config)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reps = args.timing_reps or (10 if device == "cuda" else 2)
+
+    # child processes (fresh memory high-water mark)
+    if args.time_model is not None:
+        npz = sorted((args.data / "npz").glob("*.npz"))[:1] if args.data else []
+        res = time_inference(args.time_model, device, args.threads, reps, npz[0] if npz else None)
+        print(json.dumps(res))
+        return 0
+    if args.time_monai:
+        print(json.dumps(time_monai_retinanet(device, args.threads, reps)))
+        return 0
+
+    cfg, label = _configure(args)
     if args.prepare:
         prepare(args.prepare, cfg)
         print(f"wrote {args.prepare}")
         return 0
     if args.data is None:
         ap.error("--data or --prepare is required")
-    label = args.config
-    if args.quick:
-        for stage in (cfg.detector, cfg.fp_reduction):
-            stage.trainer.max_epochs = 4
-            stage.crops_per_nodule = 6
-        cfg.detector.neg_crops_per_scan = 6
-        label += " (quick CPU smoke run)"
-    m = run(args.data, cfg, label)
-    print(
-        {
-            k: round(v, 4)
-            for k, v in m.items()
-            if k in ("cpm", "sensitivity_at_1fp", "sensitivity_at_4fp")
-        }
-    )
+    from bench.common import record
+
+    if not (args.data / "seriesuids.csv").is_file():
+        t0 = time.time()
+        prepare(args.data, cfg)
+        print(f"[medical] prepared {args.data} in {time.time() - t0:.0f} s", flush=True)
+    model_dir = args.model_dir or (args.data / "model")
+    if not args.skip_train:
+        m = run(args.data, cfg, label, model_dir)
+        print({k: round(v, 4) for k, v in m.items() if k in ("cpm", "sensitivity_at_4fp")})
+    if args.timing:
+        base = ["--time-model", str(model_dir), "--data", str(args.data), "--device", device]
+        res = _subprocess_json([*base, "--threads", str(args.threads), "--timing-reps", str(reps)])
+        if device == "cuda":
+            record("medical", "infer_s_gpu", res["seconds_median"], res)
+        else:
+            record("medical", "infer_s_cpu", res["seconds_median"], res)
+            record(
+                "medical",
+                "infer_peak_gb_cpu",
+                res["peak_rss_gb_process"],
+                {"what": "ru_maxrss of the timing process (Python + torch + scan + model)"},
+            )
+    if args.monai_retinanet:
+        res = _subprocess_json(["--time-monai", "--device", device, "--timing-reps", str(reps)])
+        record(
+            "medical",
+            "infer_s_gpu_monai" if device == "cuda" else "infer_s_cpu_monai",
+            res["seconds_median"],
+            res,
+        )
+    if args.lidc:
+        from apps.medical.config import PROJECT_ROOT
+
+        root = Path(os.environ.get("KEEL_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+        res = lidc_rank(model_dir, root)
+        rank = res["nodules"][0]["rank"] if res["nodules"] else None
+        res["value_meaning"] = "1 = top candidate; -1 = not among the candidates"
+        record("medical", "lidc0001_nodule_rank", rank if rank is not None else -1, res)
     return 0
 
 

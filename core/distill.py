@@ -23,8 +23,9 @@ never sees it), checkpoints and ``.train()`` calls (it stays in eval mode).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from core.configio import YamlConfig
-from core.engine import TaskModule
+from core.engine import TaskModule, TrainerConfig, build_trainer
 from core.errors import KeelInputError
 
 KINDS = ("auto", "softmax", "binary", "regression")
 REGRESSION_LOSSES = ("mse", "huber")
+COLUMN_KINDS = ("binary", "regression")
 
 
 @dataclass
@@ -67,8 +69,16 @@ class DistillConfig(YamlConfig):
     layer_map: dict[int, int] = field(default_factory=dict)
     normalize_hidden: bool = True
     soft_label_key: str = "soft_labels"
+    column_kinds: list[str] = field(default_factory=list)
+    logits_key: str = "logits"
 
     def __post_init__(self) -> None:
+        self.column_kinds = [str(k) for k in self.column_kinds]
+        bad = [k for k in self.column_kinds if k not in COLUMN_KINDS]
+        if bad:
+            raise ValueError(
+                f"DistillConfig.column_kinds entries must be in {COLUMN_KINDS}, got {bad}"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
@@ -179,7 +189,24 @@ def resolve_kind(kind: str, preds: Tensor) -> str:
 
 
 def teacher_term(student_preds: Tensor, teacher_preds: Tensor, cfg: DistillConfig) -> Tensor:
-    """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind``."""
+    """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind`` (or per column)."""
+    if cfg.column_kinds:
+        C = len(cfg.column_kinds)
+        if student_preds.shape[-1] != C or teacher_preds.shape != student_preds.shape:
+            raise KeelInputError(
+                f"column_kinds names {C} columns; student predictions"
+                f" {tuple(student_preds.shape)} and teacher predictions"
+                f" {tuple(teacher_preds.shape)} must both have {C} in the last dim"
+            )
+        terms = [
+            teacher_term(
+                student_preds[..., c],
+                teacher_preds[..., c],
+                dataclasses.replace(cfg, kind=kind, column_kinds=[]),
+            )
+            for c, kind in enumerate(cfg.column_kinds)
+        ]
+        return torch.stack(terms).mean()
     kind = resolve_kind(cfg.kind, student_preds)
     if kind == "softmax":
         return soft_kl(student_preds, teacher_preds, cfg.temperature)
@@ -267,14 +294,16 @@ class HiddenStateMatcher(nn.Module):
 # ============================================================================ module
 
 
-def _logits_of(preds: Any) -> Tensor:
-    """Predictions as one tensor: a tensor itself, or ``preds["logits"]`` for dict heads."""
+def _logits_of(preds: Any, key: str = "logits") -> Tensor:
+    """Predictions as one tensor: a tensor itself, or ``preds[key]`` for dict heads."""
     if isinstance(preds, Tensor):
         return preds
-    if isinstance(preds, Mapping) and "logits" in preds:
-        return preds["logits"]
+    if isinstance(preds, Mapping) and key in preds:
+        return preds[key]
     raise TypeError(
-        f"distillation needs tensor predictions or a dict with 'logits'; got {type(preds).__name__}"
+        f"distillation needs tensor predictions or a dict with {key!r}; got"
+        f" {type(preds).__name__}"
+        + (f" with keys {sorted(preds)}" if isinstance(preds, Mapping) else "")
     )
 
 
@@ -378,8 +407,9 @@ class DistillationModule(lightning.LightningModule):
             self._teacher_to_device()
             with torch.no_grad():
                 t_out, t_preds, _ = self._encode(self.teacher, batch, use_hidden)
-        teacher_logits = (stored if stored is not None else _logits_of(t_preds)).detach()
-        student_logits = _logits_of(s_preds)
+        key = cfg.logits_key
+        teacher_logits = (stored if stored is not None else _logits_of(t_preds, key)).detach()
+        student_logits = _logits_of(s_preds, key)
         parts = {
             "distill": teacher_term(student_logits, teacher_logits.to(student_logits.device), cfg)
         }
@@ -391,6 +421,7 @@ class DistillationModule(lightning.LightningModule):
             parts["hidden"] = self.matcher(s_out.hidden_states, t_out.hidden_states, pad_BT)
             total = total + cfg.hidden_weight * parts["hidden"]
         parts["loss"] = total
+        self._student_preds = s_preds
         return parts
 
     # ------------------------------------------------------------------ steps
@@ -409,14 +440,27 @@ class DistillationModule(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         parts = self.losses(batch)
+        self._student_preds = None  # do not keep the training graph alive
         bs = self._batch_size
         self._log_parts("train", parts, bs)
         TaskModule._log_moe_balance(self, "moe", bs, per_layer=False)
         return parts["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Loss parts under ``val/``, plus the student's own ``val_metrics`` (``val/<name>``),
+        so callbacks that monitor an app metric work the same with and without a teacher."""
         parts = self.losses(batch)
-        self._log_parts("val", parts, self._batch_size)
+        bs = self._batch_size
+        self._log_parts("val", parts, bs)
+        metrics = self.student.val_metrics(self._student_preds, batch)
+        if metrics:
+            self.log_dict(
+                {f"val/{name}": value for name, value in metrics.items()},
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=True,
+            )
         return parts["loss"]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
@@ -500,12 +544,54 @@ class SoftLabelDataset(Dataset):
         return {**item, self.key: self.soft_labels[i]}
 
 
+# ============================================================================ one call
+
+
+def distill_fit(
+    student: TaskModule,
+    teacher: TaskModule | None,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    trainer_cfg: TrainerConfig,
+    cfg: DistillConfig | Mapping[str, Any] | None = None,
+    logger: Any = False,
+    extra_callbacks: Iterable[lightning.pytorch.Callback] = (),
+) -> TaskModule:
+    """Train ``student`` against ``teacher`` with the app's own loaders and ``TrainerConfig``.
+
+    What every app's ``distillation.py`` needs in one call: a :class:`DistillationModule`
+    through :func:`core.engine.build_trainer` (so the config's precision, growth schedule,
+    early stopping on ``val/loss`` etc. apply), then the trained student on CPU in eval
+    mode, ready for the app's predictor. The teacher is not modified (frozen, eval mode)
+    and is moved back to CPU afterwards.
+    """
+    module = DistillationModule(student, teacher, cfg)
+    trainer = build_trainer(trainer_cfg, extra_callbacks=extra_callbacks, logger=logger)
+    try:
+        trainer.fit(module, train_loader, val_loader)
+    finally:
+        if teacher is not None:
+            teacher.cpu()
+    return module.student.float().cpu().eval()
+
+
+def count_active_params(module: nn.Module) -> int:
+    """Active parameters of a task module: backbone's active count + everything else."""
+    backbone = getattr(module, "backbone", None)
+    total = sum(p.numel() for p in module.parameters())
+    if backbone is None or not hasattr(backbone, "count_active_params"):
+        return total
+    return total - backbone.count_params() + backbone.count_active_params()
+
+
 __all__ = [
     "DistillConfig",
     "DistillationModule",
     "HiddenStateMatcher",
     "SoftLabelDataset",
     "binary_distillation_loss",
+    "count_active_params",
+    "distill_fit",
     "distillation_loss",
     "produce_soft_labels",
     "regression_distillation_loss",

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from core.backbone import Backbone, BackboneOutput
 from core.callbacks import CompileBlocks, ExpertBiasUpdate, max_over_mean
 from core.config import BackboneConfig
+from core.growth import GrowthCallback, GrowthSchedule
 from core.optim import OptimConfig, build_adamw, build_warmup_cosine
 from core.precision import (
     Float8LinearFilter,
@@ -332,6 +333,10 @@ class TrainerConfig:
     ``16-mixed`` on CPU runs as ``bf16-mixed`` (see :func:`resolve_precision`).
     strategy: ``auto`` | ``ddp`` | ``fsdp2``. ``monitor=None`` checkpoints only ``last``;
     ``early_stopping_patience=None`` disables early stopping. ``seed=None`` skips seeding.
+    ``growth``: a :class:`core.growth.GrowthSchedule` (train small, grow at given optimizer
+    steps, continue; YAML ``growth: {steps: [{at_step, operator, kwargs}]}`` or a bare list
+    of steps); ``build_trainer`` then adds a :class:`core.growth.GrowthCallback`. Growth
+    needs single-process training (strategy ``auto``) and is checked here, before a run starts.
     """
 
     max_epochs: int | None = 10
@@ -370,9 +375,18 @@ class TrainerConfig:
     deterministic: bool = False
     expert_bias_update: bool = True
     ddp_find_unused_parameters: bool = False
+    growth: GrowthSchedule | None = None
 
     def __post_init__(self) -> None:
         self.precision = str(self.precision)
+        if self.growth is not None:
+            self.growth = GrowthSchedule.coerce(self.growth)
+            if self.strategy != "auto" and self.growth.steps:
+                raise ValueError(
+                    f"TrainerConfig.growth needs strategy='auto' (single process); got"
+                    f" strategy={self.strategy!r}: a grown model would have to be re-wrapped"
+                    " by DDP/FSDP2"
+                )
         self.fp8_exclude = tuple(self.fp8_exclude)
         if self.precision not in PRECISIONS:
             raise ValueError(
@@ -527,6 +541,9 @@ def build_callbacks(
         )
     if cfg.compile:
         callbacks.append(CompileBlocks(mode=cfg.compile_mode, backend=cfg.compile_backend))
+    if cfg.growth is not None and cfg.growth.steps:
+        # before ExpertBiasUpdate, whose step hook then sees the grown MoE layers
+        callbacks.append(GrowthCallback(cfg.growth))
     if cfg.expert_bias_update:
         callbacks.append(ExpertBiasUpdate())
     if cfg.enable_checkpointing:

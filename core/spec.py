@@ -63,6 +63,13 @@ class AppSpec:
     core engine and returns a :class:`TrainResult`; ``evaluate(predictor, config)`` scores
     the app's evaluation data under its official protocol; ``predictor_cls`` rebuilds a
     saved predictor for batch scoring and MLflow pyfunc serving.
+
+    ``distill(config, teacher, run=None, distill_cfg=None)`` (optional): train the student
+    described by ``config`` (its model section sets the student's size) against
+    ``teacher``, a loaded predictor of the same app (e.g. the registered champion), with
+    a :class:`core.distill.DistillConfig` (``None``: defaults), and evaluate it exactly as
+    ``train`` does; returns a :class:`TrainResult`. Apps implement it in
+    ``apps/<name>/distillation.py``.
     """
 
     name: str
@@ -77,6 +84,7 @@ class AppSpec:
     guard_metrics: Mapping[str, tuple[str, float]] = field(default_factory=dict)
     demo_config: Callable[[], Any] | None = None
     summary_metrics: tuple[str, ...] = ()
+    distill: Callable[..., TrainResult] | None = None
 
 
 def load_app_spec(name: str) -> AppSpec:

@@ -4,7 +4,8 @@ keel apps
 keel <app> train    [--config cfg.yaml] [--margin M] [--no-promote]
 keel <app> evaluate [--model models:/keel-<app>@champion] [--config cfg.yaml]
 keel <app> score    --input PATH --output PATH [--model URI]
-keel score          --model URI --input PATH --output PATH
+keel <app> distill  [--teacher URI] [--config student.yaml] [--distill-config d.yaml]
+keel score          --model URI --input PATH --output PATH [--engine spark --spark-master M]
 keel models list | show NAME | promote NAME VERSION | rollback NAME
 """
 
@@ -46,6 +47,122 @@ def _add_score_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--rejects", default=None)
     p.add_argument("--chunk-rows", type=int, default=50_000)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--engine",
+        choices=["local", "spark"],
+        default="local",
+        help="local: chunked, resumable job on this machine; spark: Spark job, Parquet folders",
+    )
+    p.add_argument(
+        "--spark-master",
+        default=None,
+        help="Spark master (local[N], yarn, k8s://..., spark://...); default local[2], or the "
+        "one spark-submit set",
+    )
+    p.add_argument(
+        "--spark-mode",
+        choices=["auto", "udf", "grouped", "partitions"],
+        default="auto",
+        help="auto: grouped when the model declares a group column, else mlflow spark_udf; "
+        "partitions: predictors returning other than one row per input row",
+    )
+    p.add_argument(
+        "--env-manager",
+        choices=["local", "virtualenv", "uv", "conda"],
+        default="local",
+        help="executors' Python environment for spark_udf (udf mode only)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="spark: replace an existing output")
+
+
+def _add_distill_parser(asub: Any) -> None:
+    d = asub.add_parser(
+        "distill",
+        help="distil a registered teacher into the (smaller) model of --config; the student"
+        " is registered as challenger (promote it with `keel models promote`)",
+    )
+    d.add_argument("--teacher", default=None, help="default: models:/keel-<app>@champion")
+    d.add_argument("--config", default=None, help="the student's app config YAML")
+    d.add_argument("--distill-config", default=None, help="core.distill.DistillConfig YAML")
+    d.add_argument("--alpha", type=float, default=None, help="weight of the teacher term")
+    d.add_argument("--temperature", type=float, default=None)
+
+
+def _distill_hook(spec: Any) -> Any:
+    """``spec.distill``, else ``apps.<app>.distillation.distill`` (not yet wired), else None."""
+    hook = getattr(spec, "distill", None)
+    if hook is not None:
+        return hook
+    import importlib
+
+    try:
+        module = importlib.import_module(f"apps.{spec.name}.distillation")
+    except ModuleNotFoundError as err:
+        if err.name != f"apps.{spec.name}.distillation":
+            raise
+        return None
+    return getattr(module, "distill", None)
+
+
+def _distill(spec: Any, args: argparse.Namespace) -> int:
+    """Teacher from the registry -> student trained + evaluated by the app -> challenger."""
+    import mlflow
+
+    from core.distill import DistillConfig
+    from core.pyfunc import log_predictor
+    from pipelines import registry
+    from pipelines.lifecycle import log_evaluation, model_card
+
+    hook = _distill_hook(spec)
+    if hook is None:
+        print(f"the {spec.name} app has no distillation (AppSpec.distill)", file=sys.stderr)
+        return 2
+    name = registry.model_name(spec.name)
+    teacher_uri = args.teacher or f"models:/{name}@{registry.CHAMPION}"
+    dcfg = DistillConfig.from_yaml(args.distill_config) if args.distill_config else DistillConfig()
+    over = {"alpha": args.alpha, "temperature": args.temperature}
+    dcfg = DistillConfig.from_dict(
+        {**dcfg.to_dict(), **{k: v for k, v in over.items() if v is not None}}
+    )
+    teacher = mlflow.pyfunc.load_model(teacher_uri).unwrap_python_model().predictor
+    cfg = _load_config(spec, args.config)
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    with tracking.start_run(
+        f"keel-{spec.name}",
+        config={**cfg_dict, "distill": dcfg.to_dict()},
+        run_name=f"{spec.name}-distill",
+        tags={"keel.distilled_from": teacher_uri},
+    ) as run:
+        result = hook(cfg, teacher, run=run, distill_cfg=dcfg)
+        mlflow.set_tag("keel.data_fingerprint", result.data_fingerprint)
+        log_evaluation(result.evaluation)
+        info = log_predictor(
+            result.predictor,
+            spec.name,
+            input_example=result.input_example,
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        card = model_card(
+            spec,
+            result.evaluation.metrics,
+            result.evaluation.protocol,
+            result.data_fingerprint,
+            result.predictor,
+            result.extra.get("known_limits", []),
+        )
+        card |= {"distilled_from": teacher_uri, "distill_config": dcfg.to_dict()}
+        mlflow.log_dict(card, "model_card.json")
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, version, "keel.distilled_from", teacher_uri)
+        client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        run_id = run.info.run_id
+    print(f"{name} v{version} (challenger, distilled from {teacher_uri}); run {run_id}")
+    print(f"protocol: {result.evaluation.protocol}")
+    _print_table(
+        [{"metric": k, "value": round(v, 4)} for k, v in result.evaluation.metrics.items()]
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--config", default=None)
         s = asub.add_parser("score", help="batch-score a file with a registered model")
         _add_score_args(s, model_required=False)
+        _add_distill_parser(asub)
 
     s = sub.add_parser("score", help="batch-score a file with any registered model")
     _add_score_args(s, model_required=True)
@@ -91,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args: argparse.Namespace, default_model: str | None = None) -> int:
+    if args.engine == "spark":
+        from pipelines.spark_score import spark_score
+
+        report = spark_score(
+            args.model or default_model,
+            args.input,
+            args.output,
+            rejects_path=args.rejects,
+            master=args.spark_master,
+            mode=args.spark_mode,
+            env_manager=args.env_manager,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps(vars(report), indent=1, default=str))
+        return 0
     from pipelines.score import score
 
     report = score(
@@ -179,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.registry import model_name
 
         return _score(args, default_model=f"models:/{model_name(spec.name)}@champion")
+    if args.action == "distill":
+        return _distill(spec, args)
     return 2
 
 

@@ -69,6 +69,20 @@ class AlarmPolicySelector(BaseEstimator):
     candidate meets the budget.
 
     ``horizons=None`` searches ``eval_horizon * (0.5, 0.75, 1, 1.25, 1.5, 2)``.
+
+    ``false_alarm_estimate``: ``observed`` compares the observed rate (false episodes per 1000
+    healthy steps) with the budget. With a few validation units that is optimistic: the ranking
+    then picks the most aggressive candidate that *just* fits on validation, and its rate on
+    new units is typically above the budget. ``plus_one`` (default) compares
+    ``(false episodes + 1) / healthy steps * 1000`` instead (the rule-of-one upper estimate), so a
+    candidate is feasible only if one more false alarm would still keep it within budget; the
+    grid keeps both columns (``false_alarms_per_1000_healthy`` and ``fa_estimate_per_1000``).
+
+    ``lead_target`` (optional): among the feasible candidates with the best detection rate,
+    those whose median useful lead reaches ``lead_target`` are preferred, and of them the one
+    that warns *latest* (smallest median useful lead, then fewest false alarms, larger k,
+    lower threshold). Warning earlier than needed buys nothing and is where false alarms come
+    from: healthy steps near the threshold. Without such a candidate the ranking above applies.
     """
 
     def __init__(
@@ -79,7 +93,11 @@ class AlarmPolicySelector(BaseEstimator):
         ks: Sequence[int] = (1, 2, 3, 5),
         time_unit: str = "h",
         final_rul_tol: float = 0.0,
+        false_alarm_estimate: str = "plus_one",
+        lead_target: float | None = None,
     ) -> None:
+        self.false_alarm_estimate = false_alarm_estimate
+        self.lead_target = lead_target
         self.eval_horizon = eval_horizon
         self.false_alarm_budget = false_alarm_budget
         self.horizons = horizons
@@ -94,6 +112,10 @@ class AlarmPolicySelector(BaseEstimator):
         :func:`apps.maintenance.metrics.trajectory_frame`); ``columns`` renames them."""
         from apps.maintenance.metrics import lead_time_metrics
 
+        if self.false_alarm_estimate not in ("plus_one", "observed"):
+            raise MaintenanceDataError(
+                f"false_alarm_estimate={self.false_alarm_estimate!r}: expected 'plus_one' or 'observed'"
+            )
         horizons = (
             list(self.horizons)
             if self.horizons is not None
@@ -124,19 +146,27 @@ class AlarmPolicySelector(BaseEstimator):
                         "useful_lead_p10": float(np.percentile(useful, 10)),
                         "useful_lead_median": float(np.median(useful)),
                         "false_alarms_per_1000_healthy": m["false_alarms_per_1000_healthy"],
+                        "n_false_alarms": m["n_false_alarms"],
+                        "healthy_steps": m["healthy_steps"],
                     }
                 )
         grid = pd.DataFrame(rows)
-        fa = grid["false_alarms_per_1000_healthy"].fillna(
-            0.0
-        )  # no healthy steps: no false alarm possible
+        extra = 1.0 if self.false_alarm_estimate == "plus_one" else 0.0
+        healthy = grid["healthy_steps"].to_numpy(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            est = np.where(
+                healthy > 0, (grid["n_false_alarms"].to_numpy() + extra) / healthy * 1000.0, 0.0
+            )  # no healthy steps: no false alarm possible
+        grid["fa_estimate_per_1000"] = est
+        fa = grid["fa_estimate_per_1000"]
         grid["feasible"] = fa <= self.false_alarm_budget
         self.grid_ = grid
         feasible = grid[grid["feasible"]]
         if feasible.empty:
             raise AlarmBudgetError(
                 f"no (horizon, k) in the grid meets false_alarm_budget={self.false_alarm_budget} per 1000 "
-                f"healthy steps on the validation units; the lowest reached is {fa.min():.3g} "
+                f"healthy steps on the validation units ({self.false_alarm_estimate} estimate); the "
+                f"lowest reached is {fa.min():.3g} "
                 f"(horizon={grid.loc[fa.idxmin(), 'horizon']}, k={grid.loc[fa.idxmin(), 'k']}); "
                 "widen the grid (larger k, smaller horizons) or raise the budget"
             )
@@ -145,6 +175,15 @@ class AlarmPolicySelector(BaseEstimator):
             ascending=[False, False, False, True, True, True],
             kind="stable",
         )
+        if self.lead_target is not None:
+            top = ranked[ranked["detection_rate"] == ranked["detection_rate"].iloc[0]]
+            meets = top[top["useful_lead_median"] >= self.lead_target]
+            if not meets.empty:  # the latest-warning candidate that still meets the lead target
+                ranked = meets.sort_values(
+                    ["useful_lead_median", "_fa", "k", "horizon"],
+                    ascending=[True, True, False, True],
+                    kind="stable",
+                )
         best = ranked.iloc[0]
         self.best_policy_ = AlarmPolicy(float(best["horizon"]), int(best["k"]))
         self.best_metrics_ = {k: float(best[k]) for k in grid.columns if k not in ("feasible",)}

@@ -24,6 +24,7 @@ from core.optim import OptimConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DATA_KINDS = ("cmapss", "sensor_table")
+FA_ESTIMATES = ("plus_one", "observed")
 
 
 @dataclass
@@ -72,15 +73,29 @@ class DataConfig(YamlConfig):
 class AlarmConfig(YamlConfig):
     """``eval_horizon``: the operator's requirement "warn when failure is within H" (cycles or
     ``time_unit``); the policy's threshold and k are searched over ``horizons`` x ``ks`` on the
-    policy-validation units under ``false_alarm_budget`` false alarms per 1000 healthy steps."""
+    policy-validation units under ``false_alarm_budget`` false alarms per 1000 healthy steps.
+
+    ``false_alarm_estimate``: how a candidate's rate is estimated on the few validation units.
+    ``observed`` (false episodes / healthy steps) lets the search pick the most aggressive
+    policy that just fits the budget on validation, which then breaks it on new units;
+    ``plus_one`` counts one more false episode than observed (a rule-of-one upper estimate),
+    so a candidate passes only when the budget would hold even with one more false alarm.
+    ``lead_target``: prefer the latest-warning policy whose validation median lead reaches it
+    (see :class:`apps.maintenance.alarms.AlarmPolicySelector`)."""
 
     eval_horizon: float = 30.0
     horizons: tuple[float, ...] = (15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0)
     ks: tuple[int, ...] = (1, 2, 3, 5, 8)
     false_alarm_budget: float = 1.0
     alarm_loss_weight: float = 0.2
+    false_alarm_estimate: str = "plus_one"  # or "observed"
+    lead_target: float | None = None
 
     def __post_init__(self) -> None:
+        if self.false_alarm_estimate not in FA_ESTIMATES:
+            raise MaintenanceDataError(
+                f"alarm.false_alarm_estimate={self.false_alarm_estimate!r}: expected one of {FA_ESTIMATES}"
+            )
         self.horizons = tuple(float(h) for h in self.horizons)
         self.ks = tuple(int(k) for k in self.ks)
 
@@ -91,7 +106,16 @@ def small_backbone() -> BackboneConfig:
 
 @dataclass
 class MaintenanceConfig(YamlConfig):
-    """Everything one training run needs (see module docstring)."""
+    """Everything one training run needs (see module docstring).
+
+    Training recipe knobs: ``steps_per_epoch`` (None: one pass over all training windows; else
+    that many batches of windows drawn at random, so an "epoch" costs the same on every subset);
+    ``restore_best`` keeps the weights of the epoch with the lowest validation RMSE (capped
+    truth, every cycle of the policy-validation units, i.e. every possible test-like truncation
+    of them) and ``early_stopping_patience`` stops after that many epochs without improvement.
+    ``age_feature`` adds the number of readings seen so far (/ ``age_scale``), observable at
+    scoring time, as an input channel.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     window: int = 30
@@ -100,6 +124,11 @@ class MaintenanceConfig(YamlConfig):
     rul_cap: float = 125.0
     loss: str = "huber"  # or "mse"
     batch_size: int = 256
+    steps_per_epoch: int | None = None
+    early_stopping_patience: int | None = None
+    restore_best: bool = False
+    age_feature: bool = False
+    age_scale: float = 100.0
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
     pretrain_epochs: int = 0
     pretrain_mask_ratio: float = 0.3
@@ -117,6 +146,10 @@ class MaintenanceConfig(YamlConfig):
             )
         if self.loss not in ("huber", "mse"):
             raise MaintenanceDataError(f"loss={self.loss!r}: expected 'huber' or 'mse'")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise MaintenanceDataError(f"steps_per_epoch={self.steps_per_epoch}: expected >= 1")
+        if self.age_scale <= 0:
+            raise MaintenanceDataError(f"age_scale={self.age_scale}: expected > 0")
         if self.pretrain_epochs < 0:
             raise MaintenanceDataError(f"pretrain_epochs={self.pretrain_epochs}: expected >= 0")
 

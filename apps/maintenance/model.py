@@ -98,8 +98,9 @@ class RULModel(TaskModule):
         return {"mse_capped": ((self.rul(preds) - target) ** 2).mean()}
 
     def rul(self, preds: Tensor) -> Tensor:
-        """Predicted RUL (cycles or time units) from ``forward``'s output."""
-        return preds[:, 0].float() * self.rul_cap
+        """Predicted RUL (cycles or time units) from ``forward``'s output, clamped to
+        ``[0, rul_cap]``: the model estimates the capped target, which never leaves that range."""
+        return preds[:, 0].float().clamp(0.0, 1.0) * self.rul_cap
 
     @torch.no_grad()
     def predict_windows(

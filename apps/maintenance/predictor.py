@@ -64,9 +64,18 @@ def normalizer_state(norm: SensorNormalizer) -> dict[str, Any]:
     return state
 
 
-def apply_normalizer(state: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame:
+def apply_normalizer(
+    state: dict[str, Any],
+    frame: pd.DataFrame,
+    unit_column: str = "unit",
+    time_column: str = "time",
+) -> pd.DataFrame:
     """Same result as the fitted ``SensorNormalizer.transform`` (nearest KMeans centroid on
-    standardised settings, or exact rounded-setting lookup), from :func:`normalizer_state`."""
+    standardised settings, or exact rounded-setting lookup), from :func:`normalizer_state`.
+
+    When ``state["age_feature"]`` is set, an ``age`` column is added: the number of readings of
+    the row's unit up to and including it, minus one, divided by ``state["age_scale"]`` (causal
+    and observable when scoring: it only counts the readings given so far)."""
     n = len(frame)
     if state["method"] == "single":
         cond = np.zeros(n, dtype=np.int64)
@@ -94,6 +103,12 @@ def apply_normalizer(state: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame
     if state["condition_onehot"]:
         for c in range(state["n_conditions"]):
             out[f"condition_{c}"] = (cond == c).astype(np.float64)
+    if state.get("age_feature"):
+        for col in (unit_column, time_column):
+            if col not in frame.columns:
+                raise MaintenanceDataError(f"age feature: input lacks column {col!r}")
+        order = frame.groupby(unit_column, sort=False)[time_column].rank(method="first")
+        out["age"] = (order.to_numpy(np.float64) - 1.0) / float(state["age_scale"])
     return out
 
 
@@ -101,6 +116,8 @@ def feature_names(state: dict[str, Any]) -> list[str]:
     names = list(state["kept_sensors"])
     if state["condition_onehot"]:
         names += [f"condition_{c}" for c in range(state["n_conditions"])]
+    if state.get("age_feature"):
+        names.append("age")
     return names
 
 
@@ -215,7 +232,7 @@ class MaintenancePredictor:
         s = self.schema
         if len(valid) == 0:
             return pd.DataFrame(columns=[s.asset_column, s.time_column, "rul", "p_fail", "alarm"])
-        norm = apply_normalizer(self.normalizer, valid)
+        norm = apply_normalizer(self.normalizer, valid, s.asset_column, s.time_column)
         w = build_windows(
             norm,
             feature_names(self.normalizer),

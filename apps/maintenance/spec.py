@@ -15,6 +15,7 @@ import pandas as pd
 from apps.maintenance._io import atomic_write
 from apps.maintenance.config import MaintenanceConfig, demo_config
 from apps.maintenance.data import prepare_data
+from apps.maintenance.distillation import distill
 from apps.maintenance.predictor import MaintenancePredictor
 from apps.maintenance.training import evaluate_prepared, fingerprint, fit, input_example
 from core.spec import AppSpec, EvalResult, TrainResult
@@ -60,6 +61,7 @@ SPEC = AppSpec(
         "lead_detection_rate": ("max", 0.05),
     },
     demo_config=demo_config,
+    distill=distill,
     summary_metrics=(
         "rmse_capped",
         "phm08_capped",

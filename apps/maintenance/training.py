@@ -23,10 +23,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from apps.maintenance.alarms import AlarmPolicy, AlarmPolicySelector
 from apps.maintenance.config import MaintenanceConfig
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 
 
 class _WindowDataset(Dataset):
+    """Windows as three tensors; indexed with a *list* of indices it returns a whole batch, so
+    a ``BatchSampler`` with ``batch_size=None`` costs one gather per batch instead of one
+    Python call and a collate per window (the small models here are input-bound otherwise)."""
+
     def __init__(self, w: WindowSet) -> None:
         self.x, self.mask = torch.as_tensor(w.x), torch.as_tensor(w.mask)
         self.rul = torch.as_tensor(w.rul, dtype=torch.float32)
@@ -61,8 +66,60 @@ class _WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "mask": self.mask[i], "rul": self.rul[i]}
+    def __getitem__(self, i: int | list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(i) if isinstance(i, list) else i
+        return {"x": self.x[idx], "mask": self.mask[idx], "rul": self.rul[idx]}
+
+
+def batch_loader(
+    w: WindowSet,
+    batch_size: int,
+    shuffle: bool,
+    n_batches: int | None = None,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """Batches of windows, no worker processes. ``shuffle``: random order (with ``n_batches``,
+    exactly that many batches, drawn from successive random permutations of all windows)."""
+    ds = _WindowDataset(w)
+    if shuffle:
+        n = n_batches * batch_size if n_batches is not None else None
+        sampler: Any = RandomSampler(ds, num_samples=n, generator=generator)
+    else:
+        sampler = SequentialSampler(ds)
+    return DataLoader(
+        ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None
+    )
+
+
+class BestValidationRMSE(lightning.Callback):
+    """Tracks the validation RMSE (``sqrt`` of the epoch's ``val/mse_capped``: capped truth at
+    every cycle of the policy-validation units, i.e. at every test-like truncation of them),
+    keeps the best epoch's weights in memory (``restore`` puts them back after training) and
+    stops training after ``patience`` epochs without improvement (None: never)."""
+
+    def __init__(self, patience: int | None = None) -> None:
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = -1
+        self.history: list[float] = []
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or "val/mse_capped" not in trainer.callback_metrics:
+            return
+        rmse_val = float(trainer.callback_metrics["val/mse_capped"]) ** 0.5
+        self.history.append(rmse_val)
+        epoch = trainer.current_epoch
+        log.info("epoch %d: validation RMSE (capped truth) %.3f", epoch, rmse_val)
+        if rmse_val < self.best:
+            self.best, self.best_epoch = rmse_val, epoch
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        elif self.patience is not None and epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
+
+    def restore(self, module: torch.nn.Module) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)
 
 
 @dataclass
@@ -72,6 +129,8 @@ class FitOutput:
     selector: AlarmPolicySelector | None
     pretrain_losses: list[float] = field(default_factory=list)
     known_limits: list[str] = field(default_factory=list)
+    val_rmse_history: list[float] = field(default_factory=list)
+    best_epoch: int = -1
 
 
 def split_windows(
@@ -114,6 +173,8 @@ def choose_policy(
         horizons=a.horizons,
         ks=a.ks,
         time_unit=time_unit,
+        false_alarm_estimate=a.false_alarm_estimate,
+        lead_target=a.lead_target,
     )
     try:
         sel.fit(traj)
@@ -137,6 +198,8 @@ def fit(
     seed_everything(cfg.seed)
     data = data if data is not None else prepare_data(cfg)
     state = normalizer_state(data.normalizer)
+    if cfg.age_feature:
+        state |= {"age_feature": True, "age_scale": float(cfg.age_scale)}
     w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
     w_val = split_windows(state, data.policy, cfg.window)
     model = RULModel(
@@ -168,15 +231,18 @@ def fit(
         )
         model.cpu()
     g = torch.Generator().manual_seed(cfg.seed)
-    train_dl = DataLoader(
-        _WindowDataset(w_train), batch_size=cfg.batch_size, shuffle=True, generator=g
-    )
-    val_dl = DataLoader(_WindowDataset(w_val), batch_size=max(cfg.batch_size, 512))
-    trainer = build_trainer(cfg.trainer, logger=logger)
+    train_dl = batch_loader(w_train, cfg.batch_size, True, cfg.steps_per_epoch, g)
+    val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
+    best = BestValidationRMSE(cfg.early_stopping_patience)
+    trainer = build_trainer(cfg.trainer, extra_callbacks=[best], logger=logger)
     trainer.fit(model, train_dl, val_dl)
     model = model.cpu().eval()
+    if cfg.restore_best:
+        best.restore(model)
     tu = time_unit_of(data)
-    val_rul, _ = model.predict_windows(w_val.x, w_val.mask)
+    pred_dev = device if device not in (None, "cpu") and torch.cuda.is_available() else "cpu"
+    val_rul, _ = model.to(pred_dev).predict_windows(w_val.x, w_val.mask)
+    model.cpu()
     policy, selector, limits = choose_policy(trajectory_frame(w_val, val_rul), cfg, tu)
     predictor = MaintenancePredictor(
         model,
@@ -190,7 +256,7 @@ def fit(
         "scoring windows an asset's whole given history; pass only the readings since its "
         "last maintenance (a new run resets health)",
     ]
-    return FitOutput(predictor, data, selector, losses, limits)
+    return FitOutput(predictor, data, selector, losses, limits, best.history, best.best_epoch)
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -204,8 +270,6 @@ def evaluate_prepared(
     figures: bool = True,
 ) -> EvalResult:
     """All metrics of the module docstring for ``predictor`` on ``data``'s held-out splits."""
-    from apps.maintenance.plots import plot_lead_time_histogram, plot_rul_trajectories
-
     model, policy = predictor.model, predictor.policy
     timestamped = data.schema.time_kind == "timestamp"
     tu = time_unit_of(data)
@@ -263,7 +327,9 @@ def evaluate_prepared(
         + ([f"undefined (omitted): {undefined}"] if undefined else [])
     )
     figs: dict[str, Any] = {}
-    if figures:
+    if figures:  # matplotlib only when figures are asked for (the GPU bench machine has none)
+        from apps.maintenance.plots import plot_lead_time_histogram, plot_rul_trajectories
+
         label = f"time ({unit_name})" if not timestamped else "time"
         figs["rul_trajectories_lead_units"] = plot_rul_trajectories(
             lead_traj, policy=policy, max_units=cfg.eval_plot_units, time_label=label

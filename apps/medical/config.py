@@ -36,7 +36,9 @@ class DataConfig:
     ``cache_dir`` when absent. ``heldout_fraction`` of the series (at least one, chosen by a
     seeded shuffle of the UID list, so by series, never by crop) is held out for
     evaluation; ``heldout_fraction=0`` evaluates on the training series (demo only: it
-    then measures memorisation, and says so in the protocol).
+    then measures memorisation, and says so in the protocol). ``val_fraction`` of the
+    remaining (training) series is kept out of training to pick the candidate NMS radius
+    (``detector.nms_grid_mm``); the held-out series never choose anything.
     """
 
     root: str = "data_samples/medical"
@@ -44,6 +46,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/keel/medical"
     heldout_fraction: float = 0.25
     split_seed: int = 0
+    val_fraction: float = 0.0
 
     def resolved_root(self) -> Path:
         if self.generate:
@@ -65,8 +68,24 @@ class DetectorConfig:
     A token is positive when a nodule centre lies within ``pos_radius_mm`` of its patch
     centre (or inside its patch). ``offset_weight``: weight of the smooth-L1 regression of
     the nodule centre within the patch (0 turns it off).
+
+    ``kind="dense"`` selects :class:`apps.medical.dense.DenseHeatmapModel` instead: a conv
+    stem of ``stem_channels`` before the patch tokens and a per-voxel CenterNet heat map
+    (Gaussian of ``sigma = clip(diameter / 4, *sigma_mm)`` mm, focal loss), trained on
+    ``samples_per_epoch`` crops drawn on the fly (``pos_fraction`` around nodules) and run
+    over whole scans with windows every ``infer_stride_zyx`` voxels (default ``stride_zyx``).
+    ``train_minutes`` stops training after that wall time (None: run all epochs).
+    ``nms_grid_mm``: NMS radii tried on the validation series (``data.val_fraction``).
     """
 
+    kind: str = "token"
+    stem_channels: int = 16
+    sigma_mm: tuple[float, float] = (1.5, 4.0)
+    pos_fraction: float = 0.5
+    samples_per_epoch: int = 512
+    infer_stride_zyx: tuple[int, int, int] | None = None
+    train_minutes: float | None = None
+    nms_grid_mm: tuple[float, ...] = ()
     crop_zyx: tuple[int, int, int] = (32, 32, 32)
     patch_zyx: tuple[int, int, int] = (4, 4, 4)
     stride_zyx: tuple[int, int, int] = (24, 24, 24)
@@ -142,6 +161,8 @@ class MedicalConfig(YamlConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.detector.kind not in ("token", "dense"):
+            raise MedicalDataError(f"detector.kind={self.detector.kind!r}; expected token or dense")
         self.spacing_zyx = tuple(float(s) for s in self.spacing_zyx)  # type: ignore[assignment]
         if len(self.spacing_zyx) != 3 or min(self.spacing_zyx) <= 0:
             raise MedicalDataError(f"spacing_zyx={self.spacing_zyx}; expected 3 positive mm")

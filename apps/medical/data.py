@@ -144,8 +144,11 @@ def split_series(
     return [u for u in uids if u not in held], [u for u in uids if u in held]
 
 
-def prepare(cfg: MedicalConfig, scan: Scan) -> PreparedScan:
-    return prepare_scan(scan, cfg.spacing_zyx, cfg.window_hu, cfg.lung_mask, cfg.lung_margin_mm)
+def prepare(cfg: MedicalConfig, scan: Scan, device: str | None = None) -> PreparedScan:
+    """``cfg``'s preprocessing of one scan (``device``: run resampling/dilation in torch there)."""
+    return prepare_scan(
+        scan, cfg.spacing_zyx, cfg.window_hu, cfg.lung_mask, cfg.lung_margin_mm, device
+    )
 
 
 def load_prepared(cfg: MedicalConfig, root: Path, uids: list[str]) -> list[PreparedScan]:

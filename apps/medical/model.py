@@ -299,7 +299,22 @@ def detect_scan(
     batch_size: int = 8,
 ) -> pd.DataFrame:
     """Stage-1 candidates of one prepared scan: ``seriesuid, coordX/Y/Z (world mm),
-    probability`` plus ``z, y, x`` (voxel index on the prepared grid, for stage 2)."""
+    probability`` plus ``z, y, x`` (voxel index on the prepared grid, for stage 2).
+    A :class:`apps.medical.dense.DenseHeatmapModel` is scored voxel-wise instead."""
+    from apps.medical.dense import DenseHeatmapModel, detect_scan_dense
+
+    if isinstance(model, DenseHeatmapModel):
+        return detect_scan_dense(
+            model,
+            scan,
+            crop_zyx,
+            stride_zyx,
+            threshold,
+            nms_radius_mm,
+            max_candidates,
+            refine,
+            batch_size,
+        )
     prob, offset = sliding_window_heatmap(model, scan.image, crop_zyx, stride_zyx, batch_size)
     p = np.asarray(model.patch_zyx, dtype=np.float64)
     tok, val = local_maxima(prob.astype(np.float64), (1, 1, 1), threshold)

@@ -9,7 +9,6 @@ coordinates and probabilities; error messages name files relative to their serie
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from apps.medical.model import (
     score_candidates,
 )
 from apps.medical.preprocess import PreparedScan, Scan
+from core import safepath
 
 OUTPUT_COLUMNS = [
     "seriesuid",
@@ -41,17 +41,15 @@ OUTPUT_COLUMNS = [
 
 def safe_name(text: str, suffix: str = "") -> str:
     """A file name that cannot leave its folder: only ``[0-9A-Za-z._-]``, no leading dot."""
-    name = re.sub(r"[^0-9A-Za-z._-]", "_", str(text)).lstrip(".") or "unnamed"
-    return name[:120] + suffix
+    return safepath.safe_name(text, suffix)
 
 
 def path_inside(folder: Path, name: str) -> Path:
-    """``folder / name`` after checking the resolved path stays under ``folder``."""
-    base = folder.resolve()
-    path = (base / name).resolve()
-    if base != path.parent:
-        raise MedicalDataError(f"output name {name!r} would leave the output folder {base}")
-    return path
+    """``folder / name`` after checking the resolved path stays directly under ``folder``."""
+    try:
+        return safepath.safe_child(folder, name)
+    except safepath.UnsafePathError as err:
+        raise MedicalDataError(str(err)) from err
 
 
 class NoduleDetector:
@@ -117,7 +115,7 @@ class NoduleDetector:
             self.detector,
             scan,
             dc.crop_zyx,
-            dc.stride_zyx,
+            dc.infer_stride_zyx or dc.stride_zyx,
             dc.threshold,
             dc.nms_radius_mm,
             dc.max_candidates,
@@ -133,7 +131,9 @@ class NoduleDetector:
         return cands.reset_index(drop=True)
 
     def detect_volume(self, scan: Scan) -> pd.DataFrame:
-        return self.detect(prepare(self.config, scan))[
+        dev = next(self.detector.parameters()).device
+        device = "cuda" if dev.type == "cuda" else None  # GPU: resample there too
+        return self.detect(prepare(self.config, scan, device))[
             ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
         ]
 
@@ -238,7 +238,12 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def build_detector(cfg: MedicalConfig) -> NoduleHeatmapModel:
+    """The stage-1 model of ``cfg.detector.kind`` (``token`` or ``dense``), untrained."""
     dc = cfg.detector
+    if dc.kind == "dense":
+        from apps.medical.dense import DenseHeatmapModel
+
+        return DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
     return NoduleHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.pos_weight, dc.offset_weight)
 
 

@@ -73,28 +73,81 @@ def resample(
     return out.astype(np.float32, copy=False), new_affine
 
 
+def resample_torch(
+    hu_ZYX: np.ndarray, affine: np.ndarray, spacing_zyx: Sequence[float], device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resample` (linear, edge values beyond the border) computed with
+    ``grid_sample`` on ``device``: the same grid and affine, equal up to float32 rounding.
+    Used for whole-scan inference on a GPU, where scipy's single-threaded interpolation of
+    a 512x512x300 volume would cost more than the network."""
+    import torch
+    import torch.nn.functional as F
+
+    old, _, _ = split_affine(affine)
+    scale = np.asarray(spacing_zyx, dtype=np.float64) / np.asarray(old)
+    shape = tuple(
+        int(np.floor((n - 1) / s + 1e-6)) + 1 for n, s in zip(hu_ZYX.shape, scale, strict=True)
+    )
+    x = torch.as_tensor(np.asarray(hu_ZYX, dtype=np.float32)).to(device)[None, None]
+    axes = [
+        (torch.arange(m, device=device, dtype=torch.float64) * s / max(n - 1, 1) * 2 - 1).float()
+        for m, s, n in zip(shape, scale, hu_ZYX.shape, strict=True)
+    ]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack([xx, yy, zz], dim=-1)[None]  # grid_sample wants (x, y, z) = (W, H, D)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    new_affine = np.asarray(affine, dtype=np.float64).copy()
+    new_affine[:3, :3] = new_affine[:3, :3] * scale[None, :]
+    return out[0, 0].cpu().numpy(), new_affine
+
+
+def dilate_mm(mask_ZYX: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float, device: str):
+    """``distance_transform_edt(~mask, sampling) <= radius_mm`` as a convolution with the
+    voxel ball of that radius on ``device`` (identical sets: a voxel is kept when a mask
+    voxel lies within ``radius_mm`` of it)."""
+    import torch
+    import torch.nn.functional as F
+
+    sp = np.asarray(spacing_zyx, dtype=np.float64)
+    r = np.floor(radius_mm / sp + 1e-9).astype(int)
+    zz, yy, xx = np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij")
+    ball = ((zz * sp[0]) ** 2 + (yy * sp[1]) ** 2 + (xx * sp[2]) ** 2) <= radius_mm**2 + 1e-9
+    k = torch.as_tensor(ball.astype(np.float32), device=device)[None, None]
+    m = torch.as_tensor(mask_ZYX.astype(np.float32)).to(device)[None, None]
+    out = F.conv3d(m, k, padding=tuple(int(v) for v in r))[0, 0] > 0.5
+    return out.cpu().numpy()
+
+
 def prepare_scan(
     scan: Scan,
     spacing_zyx: Sequence[float],
     window_hu: tuple[float, float] = (-1000.0, 400.0),
     use_lung_mask: bool = True,
     lung_margin_mm: float = 8.0,
+    device: str | None = None,
 ) -> PreparedScan:
     """Resample, lung-mask (dilated by ``lung_margin_mm`` so juxta-pleural nodules stay in)
     and window one scan. When no lung field is found (not a chest CT, a tiny crop) the mask
-    falls back to the whole volume rather than silently hiding everything."""
+    falls back to the whole volume rather than silently hiding everything. ``device``
+    (e.g. ``"cuda"``): resampling and the margin dilation run there in torch (same grid,
+    same sets); the connected-component lung mask stays on the CPU (numpy/scipy)."""
     hu = np.asarray(scan.array)
     if hu.ndim != 3 or min(hu.shape) < 2:
         raise MedicalDataError(
             f"series {scan.series_uid}: expected a [Z, Y, X] volume with >= 2 voxels per axis, "
             f"got shape {hu.shape}"
         )
-    img, affine = resample(hu, scan.affine, spacing_zyx)
+    if device is not None:
+        img, affine = resample_torch(hu, scan.affine, spacing_zyx, device)
+    else:
+        img, affine = resample(hu, scan.affine, spacing_zyx)
     lung = np.ones(img.shape, dtype=bool)
     if use_lung_mask:
         m = lung_mask(img, spacing_zyx)
         if m.any():
-            if lung_margin_mm > 0:
+            if lung_margin_mm > 0 and device is not None:
+                m = dilate_mm(m, spacing_zyx, lung_margin_mm, device)
+            elif lung_margin_mm > 0:
                 dist = ndimage.distance_transform_edt(~m, sampling=spacing_zyx)
                 m = dist <= lung_margin_mm
             lung = m

@@ -15,6 +15,7 @@ from apps.medical.data import (
     read_truth,
     split_series,
 )
+from apps.medical.distillation import distill
 from apps.medical.evaluation import PROTOCOL, evaluate_scans, froc_metrics
 from apps.medical.predictor import NoduleDetector
 from core.spec import AppSpec, EvalResult, TrainResult
@@ -122,6 +123,7 @@ SPEC = AppSpec(
     primary_metric="cpm",
     guard_metrics={"sensitivity_at_4fp": ("max", 0.02)},
     demo_config=demo_config,
+    distill=distill,
     summary_metrics=("sensitivity_at_1fp", "sensitivity_at_4fp", "cpm"),
 )
 

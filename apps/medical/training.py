@@ -10,11 +10,16 @@ series is used to train or to choose a threshold.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from apps.medical.config import MedicalConfig
@@ -129,7 +134,12 @@ def pretrain_detector(
 def fit_detector(
     cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
 ) -> NoduleHeatmapModel:
+    """Stage 1 on ``scans`` (training series only). ``detector.kind="dense"`` trains the
+    voxel heat map (:func:`fit_dense_detector`), which also picks ``nms_radius_mm`` on a
+    validation part of ``scans`` when ``data.val_fraction`` and ``detector.nms_grid_mm`` are set."""
     dc = cfg.detector
+    if dc.kind == "dense":
+        return fit_dense_detector(cfg, scans, truth, logger)
     rng = np.random.default_rng(cfg.seed)
     samples = detector_samples(cfg, scans, truth, rng)
     torch.manual_seed(cfg.seed)
@@ -175,7 +185,7 @@ def fp_samples(
             detector,
             scan,
             dc.crop_zyx,
-            dc.stride_zyx,
+            dc.infer_stride_zyx or dc.stride_zyx,
             dc.threshold,
             dc.nms_radius_mm,
             dc.max_candidates,
@@ -233,3 +243,166 @@ def fit_fp_reduction(
     trainer = build_trainer(_trainer_cfg(fc.trainer, cfg.seed + 1), logger=logger)
     trainer.fit(model, train_dataloaders=loader)
     return model.cpu().eval()
+
+
+# ----------------------------------------------------------------------------- dense stage 1
+
+
+def _nodules_of(truth: Truth, scan: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
+    rows = truth.annotations[truth.annotations["seriesuid"] == scan.seriesuid]
+    dia = rows["diameter_mm"].to_numpy(np.float64)
+    return findings_zyx(truth.annotations, scan), np.where(dia > 0, dia, 10.0)
+
+
+def split_validation(
+    scans: Sequence[PreparedScan], fraction: float, seed: int
+) -> tuple[list[PreparedScan], list[PreparedScan]]:
+    """(fit, validation) scans: a seeded ``fraction`` of the TRAINING series (>= 1 when
+    fraction > 0 and at least 2 scans) is kept out of training to choose post-processing."""
+    scans = list(scans)
+    if fraction <= 0 or len(scans) < 2:
+        return scans, []
+    order = np.random.default_rng(seed + 101).permutation(len(scans))
+    n_val = min(max(1, int(round(fraction * len(scans)))), len(scans) - 1)
+    val = set(order[:n_val].tolist())
+    return [s for i, s in enumerate(scans) if i not in val], [
+        s for i, s in enumerate(scans) if i in val
+    ]
+
+
+def fit_dense_detector(
+    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
+) -> Any:
+    """Train :class:`apps.medical.dense.DenseHeatmapModel` on crops drawn on the fly from
+    the training scans, then (when a validation part exists) set ``cfg.detector.nms_radius_mm``
+    to the radius of ``nms_grid_mm`` with the best validation CPM. Mutates ``cfg`` on purpose:
+    the chosen radius is saved with the predictor's config."""
+    import datetime as dt
+
+    from lightning.pytorch.callbacks import Timer
+
+    from apps.medical.dense import DenseCropDataset, DenseHeatmapModel
+
+    dc = cfg.detector
+    fit_scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
+    torch.manual_seed(cfg.seed)
+    model = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
+    if torch.cuda.is_available():
+        model.bank.cuda()  # the dataset runs the filter bank once per scan
+    dataset = DenseCropDataset(
+        fit_scans,
+        [_nodules_of(truth, s) for s in fit_scans],
+        [findings_zyx(truth.excluded, s) for s in fit_scans],
+        dc.crop_zyx,
+        cfg.spacing_zyx,
+        dc.samples_per_epoch,
+        dc.pos_fraction,
+        dc.sigma_mm,
+        seed=cfg.seed,
+        bank=model.bank,
+    )
+    model.bank.cpu()
+    workers = 0
+    if torch.cuda.is_available():  # keep the GPU fed; each worker reseeds (see the dataset)
+        workers = max(0, min(8, (os.cpu_count() or 1) - 2))
+    loader = DataLoader(
+        dataset,
+        batch_size=dc.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=workers > 0,
+    )
+    tc = _trainer_cfg(dc.trainer, cfg.seed)
+    extra: list[Any] = []
+    if dc.train_minutes:
+        tc = dataclasses.replace(tc, max_epochs=100_000)  # the budget decides the length
+        extra.append(TimeBudget(float(dc.train_minutes)))
+        extra.append(Timer(duration=dt.timedelta(minutes=float(dc.train_minutes) * 1.05)))
+    trainer = build_trainer(tc, extra_callbacks=extra, logger=logger)
+    t0 = time.monotonic()
+    trainer.fit(model, train_dataloaders=loader)
+    loss = trainer.callback_metrics.get("train/loss_epoch")
+    print(
+        f"[medical] stage 1: {trainer.global_step} steps x {dc.batch_size} crops in "
+        f"{time.monotonic() - t0:.0f} s, last epoch loss {float(loss) if loss is not None else float('nan'):.3f}",
+        flush=True,
+    )
+    model.train_steps_ = int(trainer.global_step)
+    model = model.cpu().eval()
+    if val_scans and dc.nms_grid_mm:
+        dc.nms_radius_mm = tune_nms_radius(cfg, model, val_scans, truth)
+    return model
+
+
+def tune_nms_radius(
+    cfg: MedicalConfig, model: Any, val_scans: Sequence[PreparedScan], truth: Truth
+) -> float:
+    """The radius of ``cfg.detector.nms_grid_mm`` with the best LUNA16 CPM on ``val_scans``
+    (validation series, never the held-out ones); ties go to the first listed."""
+    from apps.medical.dense import candidates_from_heatmap, sliding_window_dense
+    from apps.medical.froc import evaluate_froc
+
+    dc = cfg.detector
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    maps = [
+        sliding_window_dense(
+            model, s.image, dc.crop_zyx, dc.infer_stride_zyx or dc.stride_zyx, dc.batch_size
+        ).cpu()
+        for s in val_scans
+    ]
+    model.cpu()
+    uids = [s.seriesuid for s in val_scans]
+    sub = truth.subset(uids)
+    best, best_cpm = float(dc.nms_radius_mm), -1.0
+    for r in dc.nms_grid_mm:
+        cands = pd.concat(
+            [
+                candidates_from_heatmap(m, s, dc.threshold, float(r), dc.max_candidates)
+                for m, s in zip(maps, val_scans, strict=True)
+            ],
+            ignore_index=True,
+        )
+        res = evaluate_froc(cands, sub.annotations, uids, sub.excluded)
+        cpm = float(res.metrics()["cpm"])
+        print(f"[medical] validation NMS {float(r):g} mm: CPM {cpm:.3f}", flush=True)
+        if cpm > best_cpm:
+            best, best_cpm = float(r), cpm
+    return best
+
+
+class TimeBudget(Callback):
+    """Fit the run to a wall-time budget: from the measured step time (re-estimated every
+    ``every`` steps) set the trainer's ``max_steps`` and stretch the warmup-cosine schedule
+    to end there, so a budgeted run still finishes its learning-rate decay (a plain time
+    limit would stop it at a high learning rate)."""
+
+    def __init__(self, minutes: float, every: int = 50, first: int = 10) -> None:
+        self.budget_s = 60.0 * float(minutes)
+        self.every, self.first = int(every), int(first)
+        self.t0 = 0.0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.t0 = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        from core.optim import warmup_cosine_factor
+
+        step = int(trainer.global_step)
+        if step < self.first or (step != self.first and step % self.every):
+            return
+        elapsed = time.monotonic() - self.t0
+        total = max(step + 1, int(self.budget_s * step / max(elapsed, 1e-6)))
+        trainer.fit_loop.epoch_loop.max_steps = total
+        oc = pl_module.optim_config
+        for conf in trainer.lr_scheduler_configs:
+            conf.scheduler.lr_lambdas = [
+                partial(
+                    warmup_cosine_factor,
+                    warmup_steps=oc.warmup_steps,
+                    total_steps=total,
+                    min_ratio=oc.min_lr_ratio,
+                )
+                for _ in conf.scheduler.lr_lambdas
+            ]

@@ -1,0 +1,182 @@
+"""Distil a (registered) maintenance teacher into the student described by a config.
+
+Same protocol as :func:`apps.maintenance.training.fit` (windows from ``train`` units,
+Lightning validates on ``policy`` units, the alarm policy is chosen on ``policy`` units only,
+metrics from :func:`apps.maintenance.training.evaluate_prepared`), with one difference: the
+student reads windows normalised by the *teacher's* stored statistics, so both models see
+the same input tensors (the teacher's predictions would be meaningless on differently
+scaled inputs). The student's predictor stores those statistics too.
+
+The teacher's output is ``[RUL / cap, alarm logit]``; the soft target is per column: MSE on
+the RUL column and the tempered two-class KL on the alarm logit
+(``DistillConfig.column_kinds = ["regression", "binary"]``, set when the caller leaves
+``column_kinds`` empty).
+
+No MLflow here (the benchmark machine has none): ``run`` only supplies a Lightning logger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from apps.maintenance.config import MaintenanceConfig
+from apps.maintenance.data import PreparedData, prepare_data
+from apps.maintenance.errors import MaintenanceDataError
+from apps.maintenance.metrics import trajectory_frame
+from apps.maintenance.model import RULModel
+from apps.maintenance.predictor import MaintenancePredictor, feature_names
+from apps.maintenance.training import (
+    BestValidationRMSE,
+    batch_loader,
+    choose_policy,
+    evaluate_prepared,
+    fingerprint,
+    input_example,
+    split_windows,
+    time_unit_of,
+)
+from core.distill import DistillConfig, count_active_params, distill_fit
+from core.engine import seed_everything
+from core.spec import TrainResult
+
+COLUMN_KINDS = ["regression", "binary"]  # RUL / cap, alarm logit
+
+
+def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillConfig:
+    """``cfg`` with the maintenance head's per-column kinds filled in when left empty."""
+    d = cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(dict(cfg or {}))
+    if not d.column_kinds:
+        d = dataclasses.replace(d, column_kinds=list(COLUMN_KINDS))
+    return d
+
+
+def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> None:
+    if not isinstance(teacher, MaintenancePredictor):
+        raise MaintenanceDataError(
+            f"the teacher must be a MaintenancePredictor, got {type(teacher).__name__}"
+        )
+    h = teacher.model.hparams
+    for name, want in (("window", cfg.window), ("patch_len", cfg.patch_len)):
+        if int(h[name]) != int(want):
+            raise MaintenanceDataError(
+                f"teacher {name}={h[name]} but the student config has {name}={want}:"
+                " teacher and student must read the same windows"
+            )
+    if float(h["rul_cap"]) != float(cfg.rul_cap):
+        raise MaintenanceDataError(
+            f"teacher rul_cap={h['rul_cap']} but the student config has rul_cap={cfg.rul_cap}:"
+            " the RUL column would be on different scales"
+        )
+
+
+def build_student(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
+    """The student model of ``cfg`` (same constructor arguments as ``training.fit``)."""
+    return RULModel(
+        cfg.model,
+        cfg.optim,
+        n_channels=n_channels,
+        window=cfg.window,
+        patch_len=cfg.patch_len,
+        rul_cap=cfg.rul_cap,
+        alarm_horizon=cfg.alarm.eval_horizon,
+        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
+        loss_kind=cfg.loss,
+    )
+
+
+@dataclasses.dataclass
+class DistillOutput:
+    predictor: MaintenancePredictor
+    data: PreparedData
+    known_limits: list[str]
+    student_active_params: int
+    teacher_active_params: int
+
+
+def distill_fit_predictor(
+    cfg: MaintenanceConfig,
+    teacher: MaintenancePredictor,
+    distill_cfg: DistillConfig | dict | None = None,
+    logger: Any = False,
+    data: PreparedData | None = None,
+) -> DistillOutput:
+    """Train the student of ``cfg`` against ``teacher``; choose its alarm policy on policy units."""
+    _check_teacher(teacher, cfg)
+    dcfg = default_distill_config(distill_cfg)
+    seed_everything(cfg.seed)
+    data = data if data is not None else prepare_data(cfg)
+    state = teacher.normalizer
+    w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
+    w_val = split_windows(state, data.policy, cfg.window)
+    n_channels = int(teacher.model.hparams["n_channels"])
+    if w_train.x.shape[2] != n_channels:
+        raise MaintenanceDataError(
+            f"the teacher reads {n_channels} channels ({feature_names(state)}) but the"
+            f" student's data gives {w_train.x.shape[2]}"
+        )
+    student = build_student(cfg, n_channels)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = getattr(cfg, "steps_per_epoch", None)
+    train_dl = batch_loader(w_train, cfg.batch_size, True, steps, g)
+    val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
+    # same recipe as training.fit: best-validation-RMSE epoch kept, optional early stopping
+    best = BestValidationRMSE(getattr(cfg, "early_stopping_patience", None))
+    student = distill_fit(
+        student, teacher.model, train_dl, val_dl, cfg.trainer, dcfg, logger, [best]
+    )
+    if getattr(cfg, "restore_best", False) and best.state is not None:
+        n = len("student.")
+        student.load_state_dict({k[n:]: v for k, v in best.state.items() if k[:n] == "student."})
+    tu = time_unit_of(data)
+    val_rul, _ = student.predict_windows(w_val.x, w_val.mask)
+    policy, _, limits = choose_policy(trajectory_frame(w_val, val_rul), cfg, tu)
+    predictor = MaintenancePredictor(
+        student,
+        state,
+        data.schema,
+        policy,
+        time_unit=tu if data.schema.time_kind == "timestamp" else "cycles",
+    )
+    limits = [
+        *limits,
+        "distilled student: normalised with the teacher's training statistics",
+        "windows count readings, not clock time: gaps in an asset's readings are not filled",
+    ]
+    return DistillOutput(
+        predictor,
+        data,
+        limits,
+        count_active_params(student),
+        count_active_params(teacher.model),
+    )
+
+
+def distill(
+    cfg: MaintenanceConfig,
+    teacher: MaintenancePredictor,
+    run: Any = None,
+    distill_cfg: DistillConfig | dict | None = None,
+) -> TrainResult:
+    """``AppSpec.distill``: distil, then evaluate like ``spec.train`` (same held-out splits)."""
+    logger: Any = False
+    if run is not None:
+        from core.tracking import lightning_logger
+
+        logger = lightning_logger(run)
+    out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
+    evaluation = evaluate_prepared(out.predictor, out.data, cfg)
+    return TrainResult(
+        predictor=out.predictor,
+        evaluation=evaluation,
+        input_example=input_example(out.data),
+        data_fingerprint=fingerprint(out.data.train),
+        extra={
+            "known_limits": out.known_limits,
+            "student_active_params": out.student_active_params,
+            "teacher_active_params": out.teacher_active_params,
+            "distill_config": default_distill_config(distill_cfg).to_dict(),
+        },
+    )

@@ -1,0 +1,522 @@
+"""Dense (voxel-level) nodule heat map: conv stem -> patch tokens -> backbone -> decoder.
+
+Why this exists beside the token head of :mod:`apps.medical.model`: a linear 4^3 patch
+embedding scores 12 mm blocks, so a 3-6 mm nodule (the LUNA16 hit radius is half its
+diameter) cannot be localised from tokens alone, and one logit per block makes the positive
+class tiny and noisy. Here a 3-D stem sees every voxel first (a fixed multi-scale Gaussian /
+Hessian-eigenvalue filter bank, then learned pointwise layers: blob vs. tube vs. plate),
+:class:`core.adapters.PatchEmbed3d` turns the stem features into tokens that the shared
+backbone mixes (context), and a light decoder upsamples the token features back to voxels
+and fuses them with the stem features (a U-Net-like skip), giving a per-voxel centre-ness
+logit. Training follows CenterNet: a Gaussian around each nodule
+centre (width from its diameter), the centre voxel set to 1, penalty-reduced focal loss,
+the final bias set to a 1 % prior so the loss starts balanced. Crops are sampled on the fly,
+half of them around a nodule (any position in the crop), half at random lung points, with
+flips / in-plane transposes and a mild intensity jitter.
+
+Whole scans are scored by overlapping windows blended with a Gaussian importance map
+(window borders lack context), candidates are 3-D local maxima (max-pool) refined to
+sub-voxel positions, then a greedy NMS in world mm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from apps.medical.candidates import _refine, nms_world
+from apps.medical.geometry import index_to_world, split_affine
+from apps.medical.preprocess import PreparedScan
+from core.adapters import PatchEmbed3d
+from core.backbone import BackboneOutput
+from core.engine import TaskModule
+
+PRIOR = 0.01
+
+
+def _gauss_1d(sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+class FilterBank(nn.Module):
+    """Fixed (not learned) multi-scale blob features of a volume ``[B, 1, Z, Y, X]``.
+
+    Per scale ``s`` (voxels): the Gaussian-smoothed volume and the three eigenvalues of its
+    Hessian times ``s^2`` (scale-normalised; a bright blob has three strongly negative ones,
+    a vessel two, the pleura one), plus the raw volume: ``1 + 4 * len(sigmas)`` channels.
+    Why fixed: these are the classical blob/tube/plate cues, and on CPU the weight gradient
+    of a full-resolution 3-D convolution is the slowest op of the whole model (seconds per
+    batch), whereas a fixed bank costs one forward pass and the learned layers after it are
+    pointwise (matmuls) and the patch embedding. Separable Gaussians with zero padding,
+    second derivatives by central differences of the smoothed volume.
+    """
+
+    def __init__(self, sigmas: Sequence[float] = (0.75, 1.5, 3.0)) -> None:
+        super().__init__()
+        self.sigmas = tuple(float(s) for s in sigmas)
+        for i, s in enumerate(self.sigmas):
+            self.register_buffer(f"g{i}", _gauss_1d(s), persistent=False)
+
+    @property
+    def n_channels(self) -> int:
+        return 1 + 4 * len(self.sigmas)
+
+    @property
+    def margin(self) -> int:
+        """Voxels of context each output voxel depends on (largest kernel radius + 1)."""
+        return max(1, int(math.ceil(3.0 * max(self.sigmas)))) + 1
+
+    @staticmethod
+    def _smooth(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r = (len(g) - 1) // 2
+        w = g.to(x.dtype)
+        x = F.conv3d(x, w.view(1, 1, -1, 1, 1), padding=(r, 0, 0))
+        x = F.conv3d(x, w.view(1, 1, 1, -1, 1), padding=(0, r, 0))
+        return F.conv3d(x, w.view(1, 1, 1, 1, -1), padding=(0, 0, r))
+
+    @staticmethod
+    def _hessian_eigs(g: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues (ascending) of the finite-difference Hessian of ``g [B,1,Z,Y,X]``,
+        in closed form (Smith 1961: trigonometric solution of the symmetric 3x3 case),
+        elementwise and much faster than a batched ``eigvalsh`` on CPU."""
+        p = F.pad(g, (1, 1, 1, 1, 1, 1), mode="replicate")[:, 0]
+        c = p[:, 1:-1, 1:-1, 1:-1]
+        Z, Y, X = c.shape[1:]
+
+        def sh(dz: int, dy: int, dx: int) -> torch.Tensor:
+            return p[:, 1 + dz : 1 + dz + Z, 1 + dy : 1 + dy + Y, 1 + dx : 1 + dx + X]
+
+        a = sh(1, 0, 0) - 2 * c + sh(-1, 0, 0)  # zz
+        b = sh(0, 1, 0) - 2 * c + sh(0, -1, 0)  # yy
+        e = sh(0, 0, 1) - 2 * c + sh(0, 0, -1)  # xx
+        d = (sh(1, 1, 0) - sh(1, -1, 0) - sh(-1, 1, 0) + sh(-1, -1, 0)) / 4  # zy
+        f = (sh(1, 0, 1) - sh(1, 0, -1) - sh(-1, 0, 1) + sh(-1, 0, -1)) / 4  # zx
+        h = (sh(0, 1, 1) - sh(0, 1, -1) - sh(0, -1, 1) + sh(0, -1, -1)) / 4  # yx
+        q = (a + b + e) / 3
+        p1 = d * d + f * f + h * h
+        p2 = (a - q) ** 2 + (b - q) ** 2 + (e - q) ** 2 + 2 * p1
+        pp = torch.sqrt(p2 / 6).clamp_min(1e-12)
+        A, B, E = (a - q) / pp, (b - q) / pp, (e - q) / pp
+        D, Fz, H = d / pp, f / pp, h / pp
+        det = A * (B * E - H * H) - D * (D * E - H * Fz) + Fz * (D * H - B * Fz)
+        phi = torch.acos((det / 2).clamp(-1.0, 1.0)) / 3
+        hi = q + 2 * pp * torch.cos(phi)
+        lo = q + 2 * pp * torch.cos(phi + 2 * math.pi / 3)
+        mid = 3 * q - hi - lo
+        return torch.stack([lo, mid, hi], dim=1)  # [B, 3, Z, Y, X]
+
+    @torch.no_grad()
+    def forward(self, x_B1ZYX: torch.Tensor) -> torch.Tensor:
+        x = x_B1ZYX.float()
+        out = [x]
+        for i, s in enumerate(self.sigmas):
+            g = self._smooth(x, getattr(self, f"g{i}"))
+            out += [g, self._hessian_eigs(g) * (s * s)]
+        return torch.cat(out, dim=1)
+
+
+class DenseHeatmapModel(TaskModule):
+    """Per-voxel nodule-centre logit for a crop ``[B, 1, Z, Y, X]`` (sizes: multiples of the patch).
+
+    Stem: :class:`FilterBank` -> pointwise linear + GELU (``stem_channels``); tokens:
+    :class:`core.adapters.PatchEmbed3d` of the stem features; the shared backbone mixes the
+    tokens; decoder: token features upsampled (trilinear) to voxels, concatenated with the
+    stem features, pointwise MLP -> logit. Batch: ``image`` (optionally with ``margin``
+    voxels of context on every side, trimmed after the filter bank) or precomputed
+    ``features`` (:meth:`features_of`, used for whole scans); for training also
+    ``target_BZYX`` (Gaussian centre-ness, 1 at centres) and ``weight_BZYX``.
+    """
+
+    def __init__(
+        self,
+        backbone_config: Any,
+        optim_config: Any = None,
+        patch_zyx: Sequence[int] = (4, 4, 4),
+        stem_channels: int = 16,
+        focal_alpha: float = 2.0,
+        focal_beta: float = 4.0,
+        sigmas_vox: Sequence[float] = (0.75, 1.5, 3.0),
+    ) -> None:
+        super().__init__(
+            backbone_config,
+            optim_config,
+            patch_zyx=list(patch_zyx),
+            stem_channels=stem_channels,
+            focal_alpha=focal_alpha,
+            focal_beta=focal_beta,
+            sigmas_vox=list(sigmas_vox),
+        )
+        c, d = int(stem_channels), self.backbone_config.d_model
+        self.patch_zyx = tuple(int(p) for p in patch_zyx)
+        self.bank = FilterBank(sigmas_vox)
+        self.stem = nn.Sequential(nn.Linear(self.bank.n_channels, c), nn.GELU(), nn.Linear(c, c))
+        self.embed = PatchEmbed3d(c, self.patch_zyx, d, max_patches=1 << 16)
+        self.up = nn.Linear(d, c)
+        self.decode = nn.Sequential(nn.Linear(2 * c, c), nn.GELU(), nn.Linear(c, 1))
+        nn.init.constant_(self.decode[-1].bias, math.log(PRIOR / (1 - PRIOR)))
+        self.focal_alpha, self.focal_beta = float(focal_alpha), float(focal_beta)
+
+    @property
+    def margin(self) -> int:
+        return self.bank.margin
+
+    def features_of(self, image: torch.Tensor, margin: int = 0) -> torch.Tensor:
+        """Filter-bank features ``[B, K, Z, Y, X]`` of ``image [B, 1, Z+2m, Y+2m, X+2m]``."""
+        f = self.bank(image)
+        if margin:
+            m = int(margin)
+            f = f[:, :, m:-m, m:-m, m:-m]
+        return f
+
+    def tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        f = batch.get("features")
+        if f is None:
+            margin = batch.get("margin", 0)
+            margin = int(margin[0]) if torch.is_tensor(margin) and margin.ndim else int(margin)
+            f = self.features_of(batch["image"], margin)
+        h_BZYXC = self.stem(f.permute(0, 2, 3, 4, 1).to(self.stem[0].weight.dtype))
+        batch["stem_BZYXC"] = h_BZYXC  # the decoder's skip input
+        return self.embed(h_BZYXC.permute(0, 4, 1, 2, 3)), None
+
+    def head_forward(self, out: BackboneOutput, batch: dict[str, Any]) -> torch.Tensor:
+        h = batch.pop("stem_BZYXC")
+        B, Z, Y, X, C = h.shape
+        grid = tuple(s // p for s, p in zip((Z, Y, X), self.patch_zyx, strict=True))
+        tok = self.up(out.last_hidden).transpose(1, 2).reshape(B, C, *grid)
+        tok = F.interpolate(tok.float(), size=(Z, Y, X), mode="trilinear").to(h.dtype)
+        return self.decode(torch.cat([h, tok.permute(0, 2, 3, 4, 1)], dim=-1))[..., 0].float()
+
+    def loss(self, logit_BZYX: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return centernet_focal_loss(
+            logit_BZYX,
+            batch["target_BZYX"].float(),
+            batch["weight_BZYX"].float(),
+            self.focal_alpha,
+            self.focal_beta,
+        )
+
+
+def centernet_focal_loss(
+    logit: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss (Zhou et al. 2019), summed and divided by the
+    number of centre voxels (target == 1) in the batch: near-centre negatives are damped by
+    ``(1 - target)^beta``, easy voxels by ``p^alpha``, so the few centres are not drowned."""
+    logp, log1mp = F.logsigmoid(logit), F.logsigmoid(-logit)
+    p = logp.exp()
+    pos = (target >= 1.0 - 1e-6).float()
+    pos_term = pos * (1 - p).pow(alpha) * logp
+    neg_term = (1 - pos) * (1 - target).pow(beta) * p.pow(alpha) * log1mp
+    return -((pos_term + neg_term) * weight).sum() / pos.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def dense_targets(
+    start_zyx: Sequence[int],
+    crop_zyx: Sequence[int],
+    spacing_zyx: Sequence[float],
+    nodules_zyx: np.ndarray,
+    diameters_mm: np.ndarray,
+    excluded_zyx: np.ndarray,
+    sigma_mm: Sequence[float] = (1.5, 4.0),
+    ignore_mm: float = 5.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(target, weight)`` of a crop: per nodule a Gaussian of ``sigma = clip(diameter/4,
+    *sigma_mm)`` mm around its (sub-voxel) centre, max over nodules, exactly 1 at the voxel
+    nearest each centre inside the crop; weight 0 within ``ignore_mm`` of an excluded finding
+    where the target is low (LUNA16 neither rewards nor penalises hits there)."""
+    crop = tuple(int(c) for c in crop_zyx)
+    sp = np.asarray(spacing_zyx, dtype=np.float64)
+    axes = [s + np.arange(n, dtype=np.float64) for s, n in zip(start_zyx, crop, strict=True)]
+    target = np.zeros(crop, np.float32)
+    weight = np.ones(crop, np.float32)
+    for c, dia in zip(np.reshape(nodules_zyx, (-1, 3)), np.reshape(diameters_mm, -1), strict=True):
+        sig = float(np.clip(float(dia) / 4.0, sigma_mm[0], sigma_mm[1]))
+        d2 = [((a - ci) * s) ** 2 for a, ci, s in zip(axes, c, sp, strict=True)]
+        if min(float(v.min()) for v in d2) > (4 * sig) ** 2 * 3:
+            continue
+        g = np.exp(
+            -(d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]) / (2 * sig * sig)
+        )
+        np.maximum(target, g.astype(np.float32), out=target)
+        k = np.round(np.asarray(c) - np.asarray(start_zyx)).astype(int)
+        if np.all(k >= 0) and np.all(k < np.asarray(crop)):
+            target[tuple(k)] = 1.0
+    for c in np.reshape(excluded_zyx, (-1, 3)):
+        d2 = [((a - ci) * s) ** 2 for a, ci, s in zip(axes, c, sp, strict=True)]
+        near = (d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]) <= ignore_mm**2
+        weight[near & (target < 0.5)] = 0.0
+    return target, weight
+
+
+def _crop_channels(
+    vol_KZYX: torch.Tensor, start_zyx: np.ndarray, size_zyx: np.ndarray
+) -> torch.Tensor:
+    """``vol[:, start:start+size]`` with zeros where the box leaves the volume."""
+    out = torch.zeros((vol_KZYX.shape[0], *(int(s) for s in size_zyx)), dtype=vol_KZYX.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n, L in zip(start_zyx, size_zyx, vol_KZYX.shape[1:], strict=True):
+        lo, hi = max(int(s), 0), min(int(s) + int(n), L)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(s), hi - int(s)))
+    out[tuple(dst)] = vol_KZYX[tuple(src)]
+    return out
+
+
+class DenseCropDataset(Dataset):
+    """Random training crops of filter-bank features, drawn on the fly (fresh every epoch).
+
+    The bank (``bank``, a :class:`FilterBank`) runs once per whole training scan, exactly as
+    at inference, and is kept in float16. ``pos_fraction`` of the items are centred near a
+    nodule (uniform over nodules, the nodule anywhere in the crop but 3 voxels from its
+    faces), the rest at random voxels of the (dilated) lung field. Augmentations keep the
+    labels and the features valid (Gaussians and Hessian eigenvalues are invariant under
+    axis flips and transposes): flips of any axis, swapping y and x, and an intensity
+    jitter ``x * a + b`` (``a ~ U(0.9, 1.1)``, ``b ~ U(-0.03, 0.03)``) applied as ``a, b`` on
+    the intensity channels and ``a`` on the eigenvalue channels.
+    """
+
+    def __init__(
+        self,
+        scans: Sequence[PreparedScan],
+        nodules: Sequence[tuple[np.ndarray, np.ndarray]],
+        excluded: Sequence[np.ndarray],
+        crop_zyx: Sequence[int],
+        spacing_zyx: Sequence[float],
+        n_samples: int,
+        pos_fraction: float = 0.5,
+        sigma_mm: Sequence[float] = (1.5, 4.0),
+        seed: int = 0,
+        augment: bool = True,
+        bank: FilterBank | None = None,
+    ) -> None:
+        self.scans, self.nodules, self.excluded = list(scans), list(nodules), list(excluded)
+        self.crop = np.asarray([int(c) for c in crop_zyx])
+        self.spacing = tuple(float(s) for s in spacing_zyx)
+        self.n = int(n_samples)
+        self.pos_fraction = float(pos_fraction)
+        self.sigma_mm = tuple(float(s) for s in sigma_mm)
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self.index = [(i, k) for i, (c, _) in enumerate(self.nodules) for k in range(len(c))]
+        self.lung_idx = [np.flatnonzero(s.lung.ravel()) for s in self.scans]
+        bank = bank or FilterBank()
+        dev = bank.g0.device
+        self.features = [
+            bank(torch.from_numpy(s.image)[None, None].to(dev))[0].to(torch.float16).cpu()
+            for s in self.scans
+        ]
+        self.seed, self._worker = seed, None
+        n_scales = len(bank.sigmas)
+        self.intensity_ch = [0] + [1 + 4 * k for k in range(n_scales)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _centre(self) -> tuple[int, np.ndarray]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._worker != info.id:  # forked copies must not repeat
+            self._worker = info.id
+            self.rng = np.random.default_rng([self.seed, 1 + info.id])
+        rng = self.rng
+        if self.index and rng.random() < self.pos_fraction:
+            i, k = self.index[int(rng.integers(len(self.index)))]
+            half = np.maximum(self.crop // 2 - 3, 0)
+            return i, self.nodules[i][0][k] + rng.uniform(-half, half)
+        i = int(rng.integers(len(self.scans)))
+        idx = self.lung_idx[i]
+        flat = int(rng.choice(idx)) if len(idx) else int(rng.integers(self.scans[i].image.size))
+        return i, np.asarray(np.unravel_index(flat, self.scans[i].image.shape), np.float64)
+
+    def __getitem__(self, _: int) -> dict[str, torch.Tensor]:
+        i, centre = self._centre()
+        start = np.round(centre).astype(int) - self.crop // 2
+        feats = _crop_channels(self.features[i], start, self.crop).float()
+        nod, dia = self.nodules[i]
+        target, weight = dense_targets(
+            start, self.crop, self.spacing, nod, dia, self.excluded[i], self.sigma_mm
+        )
+        tgt, wgt = torch.from_numpy(target), torch.from_numpy(weight)
+        if self.augment:
+            rng = self.rng
+            dims = [a for a in range(3) if rng.random() < 0.5]
+            if dims:
+                feats = feats.flip([d + 1 for d in dims])
+                tgt, wgt = tgt.flip(dims), wgt.flip(dims)
+            if rng.random() < 0.5 and self.crop[1] == self.crop[2]:
+                feats, tgt, wgt = feats.transpose(2, 3), tgt.transpose(1, 2), wgt.transpose(1, 2)
+            gain, shift = float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.03, 0.03))
+            feats = feats * gain
+            feats[self.intensity_ch] += shift
+        return {
+            "features": feats.contiguous(),
+            "target_BZYX": tgt.contiguous(),
+            "weight_BZYX": wgt.contiguous(),
+        }
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _importance_1d(n: int) -> np.ndarray:
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    return np.maximum(np.exp(-0.5 * (x / (0.25 * n)) ** 2), 1e-3)
+
+
+def _starts(length: int, crop: int, stride: int) -> list[int]:
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop + 1, stride))
+    if starts[-1] + crop < length:
+        starts.append(length - crop)
+    return starts
+
+
+@torch.no_grad()
+def sliding_window_dense(
+    model: DenseHeatmapModel,
+    image_ZYX: np.ndarray | torch.Tensor,
+    crop_zyx: Sequence[int],
+    stride_zyx: Sequence[int],
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Probability ``[Z, Y, X]`` (on the model's device) of a whole volume.
+
+    The filter bank runs once on the whole (zero-padded) volume, so no window sees a fake
+    border; the learned part runs on overlapping windows of those features, each weighted by
+    a Gaussian importance map (a window's border tokens lack context), averaged. Windows
+    whose image is all zero (outside the masked lung field) are skipped and score 0. bf16
+    autocast on CUDA.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    vol = torch.as_tensor(image_ZYX, dtype=torch.float32).to(device)
+    crop = tuple(int(c) for c in crop_zyx)
+    shape = tuple(max(n, c) for n, c in zip(vol.shape, crop, strict=True))
+    if shape != tuple(vol.shape):
+        pad = torch.zeros(shape, dtype=vol.dtype, device=device)
+        pad[: vol.shape[0], : vol.shape[1], : vol.shape[2]] = vol
+        vol = pad
+    feats = model.features_of(vol[None, None])[0]  # [K, Z, Y, X]
+    w = np.einsum("i,j,k->ijk", *[_importance_1d(c) for c in crop])
+    w_ZYX = torch.as_tensor(w, dtype=torch.float32, device=device)
+    acc = torch.zeros(shape, dtype=torch.float32, device=device)
+    wsum = torch.zeros(shape, dtype=torch.float32, device=device)
+    occupied = (vol > 0).cpu().numpy()  # prepared images are 0 outside the lung field
+    starts = [
+        (a, b, c)
+        for a in _starts(shape[0], crop[0], int(stride_zyx[0]))
+        for b in _starts(shape[1], crop[1], int(stride_zyx[1]))
+        for c in _starts(shape[2], crop[2], int(stride_zyx[2]))
+        if occupied[a : a + crop[0], b : b + crop[1], c : c + crop[2]].any()
+    ]
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        f = torch.stack(
+            [feats[:, a : a + crop[0], b : b + crop[1], c : c + crop[2]] for a, b, c in chunk]
+        )
+        with autocast:
+            prob = torch.sigmoid(model({"features": f}).float())
+        for k, (a, b, c) in enumerate(chunk):
+            box = (slice(a, a + crop[0]), slice(b, b + crop[1]), slice(c, c + crop[2]))
+            acc[box] += prob[k] * w_ZYX
+            wsum[box] += w_ZYX
+    out = acc / wsum.clamp_min(1e-6)  # windows holding no lung voxel were skipped: 0 there
+    return out[: image_ZYX.shape[0], : image_ZYX.shape[1], : image_ZYX.shape[2]]
+
+
+def heatmap_peaks(
+    prob_ZYX: torch.Tensor, threshold: float, limit: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(zyx [N, 3] int, values [N])``: voxels equal to their 3x3x3 maximum, >= threshold,
+    the best ``limit`` of them, highest first (max-pool on the map's device)."""
+    p = prob_ZYX[None, None]
+    is_max = (p == F.max_pool3d(p, 3, stride=1, padding=1)) & (p >= threshold)
+    vals = prob_ZYX[is_max[0, 0]]
+    idx = torch.nonzero(is_max[0, 0])
+    if len(vals) > limit:
+        top = torch.topk(vals, limit).indices
+        vals, idx = vals[top], idx[top]
+    order = torch.argsort(vals, descending=True)
+    return idx[order].cpu().numpy(), vals[order].float().cpu().numpy().astype(np.float64)
+
+
+def candidates_from_heatmap(
+    prob_ZYX: torch.Tensor | np.ndarray,
+    scan: PreparedScan,
+    threshold: float,
+    nms_radius_mm: float,
+    max_candidates: int = 100,
+    refine: bool = True,
+    prob_np: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Stage-1 candidate rows (world mm + prepared-grid ``z, y, x``) from a dense map."""
+    prob_t = torch.as_tensor(prob_ZYX)
+    zyx, vals = heatmap_peaks(prob_t, threshold, limit=max(20 * max(max_candidates, 1), 200))
+    keep_lung = scan.lung[tuple(zyx.T)] if len(zyx) else np.zeros(0, bool)
+    zyx, vals = zyx[keep_lung], vals[keep_lung]
+    xyz = index_to_world(scan.affine, zyx.astype(np.float64)) if len(zyx) else np.empty((0, 3))
+    keep = nms_world(xyz, vals, nms_radius_mm, limit=max_candidates or None)
+    zyx, vals = zyx[keep], vals[keep]
+    pts = zyx.astype(np.float64).reshape(-1, 3)
+    if refine and len(pts):
+        if prob_np is None:
+            prob_np = prob_t.float().cpu().numpy()
+        pts = _refine(prob_np, zyx)
+    xyz = index_to_world(scan.affine, pts) if len(pts) else np.empty((0, 3))
+    return pd.DataFrame(
+        {
+            "seriesuid": [scan.seriesuid] * len(pts),
+            "coordX": xyz[:, 0] if len(pts) else np.empty(0),
+            "coordY": xyz[:, 1] if len(pts) else np.empty(0),
+            "coordZ": xyz[:, 2] if len(pts) else np.empty(0),
+            "probability": vals if len(pts) else np.empty(0),
+            "z": pts[:, 0] if len(pts) else np.empty(0),
+            "y": pts[:, 1] if len(pts) else np.empty(0),
+            "x": pts[:, 2] if len(pts) else np.empty(0),
+        }
+    )
+
+
+def detect_scan_dense(
+    model: DenseHeatmapModel,
+    scan: PreparedScan,
+    crop_zyx: Sequence[int],
+    stride_zyx: Sequence[int],
+    threshold: float,
+    nms_radius_mm: float,
+    max_candidates: int = 100,
+    refine: bool = True,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Dense heat map of a prepared scan -> stage-1 candidates (see :func:`candidates_from_heatmap`)."""
+    prob = sliding_window_dense(model, scan.image, crop_zyx, stride_zyx, batch_size)
+    return candidates_from_heatmap(prob, scan, threshold, nms_radius_mm, max_candidates, refine)
+
+
+def spacing_of(scan: PreparedScan) -> np.ndarray:
+    return np.asarray(split_affine(scan.affine)[0], dtype=np.float64)

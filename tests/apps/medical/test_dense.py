@@ -1,0 +1,199 @@
+"""Dense (voxel) heat-map detector: targets, filter bank, model, whole-scan windows, peaks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apps.medical.config import MedicalConfig
+from apps.medical.data import Truth
+from apps.medical.dense import (
+    DenseCropDataset,
+    DenseHeatmapModel,
+    FilterBank,
+    candidates_from_heatmap,
+    centernet_focal_loss,
+    dense_targets,
+    sliding_window_dense,
+)
+from apps.medical.geometry import make_affine, world_to_index
+from apps.medical.preprocess import PreparedScan
+from apps.medical.training import split_validation
+from tests.apps.medical.tiny import _backbone
+
+
+def _tiny_model() -> DenseHeatmapModel:
+    cfg = MedicalConfig.from_dict({"detector": {"backbone": _backbone(4)}}).detector
+    torch.manual_seed(0)
+    return DenseHeatmapModel(cfg.backbone, None, (4, 4, 4), stem_channels=4, sigmas_vox=(1.0,))
+
+
+def test_targets_peak_at_nodule_voxel_and_ignore_excluded():
+    nod = np.array([[5.4, 6.6, 7.0]])
+    t, w = dense_targets((0, 0, 0), (12, 12, 12), (3, 3, 3), nod, np.array([6.0]), np.zeros((0, 3)))
+    assert t[5, 7, 7] == 1.0 and (t == 1.0).sum() == 1
+    assert 0.3 < t[6, 7, 7] < 1.0 and t[0, 0, 0] < 1e-6  # sigma 1.5 mm: one voxel away ~0.37
+    exc = np.array([[1.0, 1.0, 1.0]])
+    _, w2 = dense_targets((0, 0, 0), (12, 12, 12), (3, 3, 3), nod, np.array([6.0]), exc)
+    assert w2[1, 1, 1] == 0 and w2[5, 7, 7] == 1 and w2.sum() == w.sum() - (w2 == 0).sum()
+
+
+def test_filter_bank_eigenvalues_match_numpy():
+    bank = FilterBank((1.0,))
+    x = torch.rand(1, 1, 9, 10, 11)
+    g = bank._smooth(x, bank.g0)
+    eig = bank._hessian_eigs(g)[0].permute(1, 2, 3, 0).numpy()
+    P = torch.nn.functional.pad(g, (1, 1, 1, 1, 1, 1), mode="replicate")[0, 0].numpy()
+    c = P[1:-1, 1:-1, 1:-1]
+
+    def sh(dz, dy, dx):
+        return P[1 + dz : 10 + dz, 1 + dy : 11 + dy, 1 + dx : 12 + dx]
+
+    a = sh(1, 0, 0) - 2 * c + sh(-1, 0, 0)
+    b = sh(0, 1, 0) - 2 * c + sh(0, -1, 0)
+    e = sh(0, 0, 1) - 2 * c + sh(0, 0, -1)
+    d = (sh(1, 1, 0) - sh(1, -1, 0) - sh(-1, 1, 0) + sh(-1, -1, 0)) / 4
+    f = (sh(1, 0, 1) - sh(1, 0, -1) - sh(-1, 0, 1) + sh(-1, 0, -1)) / 4
+    h = (sh(0, 1, 1) - sh(0, 1, -1) - sh(0, -1, 1) + sh(0, -1, -1)) / 4
+    H = np.stack([np.stack([a, d, f], -1), np.stack([d, b, h], -1), np.stack([f, h, e], -1)], -2)
+    assert np.allclose(eig, np.linalg.eigvalsh(H), atol=1e-5)
+    # a bright blob: three negative eigenvalues at its centre
+    blob = torch.zeros(1, 1, 15, 15, 15)
+    blob[0, 0, 6:9, 6:9, 6:9] = 1.0
+    f_all = bank(blob)[0, :, 7, 7, 7]
+    assert bool((f_all[2:5] < 0).all())
+
+
+def test_focal_loss_falls_when_the_centre_is_predicted():
+    target = torch.zeros(1, 8, 8, 8)
+    target[0, 4, 4, 4] = 1.0
+    weight = torch.ones_like(target)
+    flat = torch.full_like(target, -4.6)
+    good = flat.clone()
+    good[0, 4, 4, 4] = 4.0
+    assert centernet_focal_loss(good, target, weight) < centernet_focal_loss(flat, target, weight)
+
+
+def _scan_with_blob(centre_zyx, shape=(20, 24, 28), spacing=(3.0, 3.0, 3.0)):
+    img = np.full(shape, 0.1, np.float32)
+    zz, yy, xx = np.indices(shape)
+    r2 = sum(((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), centre_zyx, spacing, strict=True))
+    img[r2 <= 36.0] = 0.75
+    affine = make_affine(spacing, (10.0, -20.0, -200.0), np.eye(3))
+    return PreparedScan(img, np.ones(shape, bool), affine, "1.2.3")
+
+
+def test_sliding_window_covers_volume_and_candidates_land_in_world_mm():
+    model = _tiny_model().eval()
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    prob = sliding_window_dense(model, scan.image, (12, 12, 12), (8, 8, 8), batch_size=5)
+    assert prob.shape == scan.image.shape
+    assert torch.all((prob > 0) & (prob < 1))
+    # a map that peaks at a known voxel: the candidate maps back to that voxel in world mm
+    z, y, x = np.indices(scan.image.shape)
+    peak = np.exp(-((z - 9.0) ** 2 + (y - 11.3) ** 2 + (x - 13.0) ** 2) / 4.0).astype(np.float32)
+    cands = candidates_from_heatmap(torch.from_numpy(peak), scan, 0.05, 6.0, 10)
+    top = cands.iloc[0]
+    found = world_to_index(scan.affine, [top.coordX, top.coordY, top.coordZ])
+    assert np.allclose(found, [9.0, 11.3, 13.0], atol=0.25), found
+
+
+def test_dataset_oversamples_nodules_and_one_step_trains():
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    ds = DenseCropDataset(
+        [scan],
+        [(np.array([[9.0, 11.0, 13.0]]), np.array([12.0]))],
+        [np.zeros((0, 3))],
+        (12, 12, 12),
+        (3.0, 3.0, 3.0),
+        n_samples=8,
+        pos_fraction=1.0,
+        bank=FilterBank((1.0,)),
+    )
+    items = [ds[i] for i in range(len(ds))]
+    assert all(float(it["target_BZYX"].max()) == 1.0 for it in items)  # every crop holds it
+    assert items[0]["features"].shape == (5, 12, 12, 12)
+    model = _tiny_model()
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model.loss(model(dict(batch)), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_validation_split_is_disjoint_and_seeded():
+    scans = [
+        PreparedScan(np.zeros((2, 2, 2)), np.ones((2, 2, 2), bool), np.eye(4), str(i))
+        for i in range(10)
+    ]
+    fit, val = split_validation(scans, 0.2, 0)
+    assert len(val) == 2 and len(fit) == 8
+    assert not {s.seriesuid for s in fit} & {s.seriesuid for s in val}
+    assert [s.seriesuid for s in split_validation(scans, 0.2, 0)[1]] == [s.seriesuid for s in val]
+    assert split_validation(scans, 0.0, 0) == (scans, [])
+    assert isinstance(Truth, type)
+
+
+@pytest.mark.slow
+def test_dense_detector_trains_saves_and_reloads(tmp_path):
+    """End to end on 3 tiny DICOM series: dense stage 1 trains through Lightning, picks its
+    NMS radius on a validation series, and the saved predictor reloads with identical output."""
+    from apps.medical.data import load_raw_scan, prepare, read_truth
+    from apps.medical.predictor import NoduleDetector
+    from apps.medical.training import fit_detector
+    from tests.apps.medical.tiny import tiny_config, tiny_dataset
+
+    root = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config(root)
+    cfg.data.val_fraction = 0.34
+    cfg.fp_reduction.enabled = False
+    dc = cfg.detector
+    dc.kind, dc.stem_channels, dc.samples_per_epoch, dc.batch_size = "dense", 4, 8, 4
+    dc.crop_zyx, dc.stride_zyx, dc.nms_grid_mm = (8, 8, 8), (4, 4, 4), (8.0, 20.0)
+    truth = read_truth(root)
+    scans = [prepare(cfg, load_raw_scan(root, u)) for u in truth.seriesuids]
+    det = fit_detector(cfg, scans, truth)
+    assert dc.nms_radius_mm in (8.0, 20.0)
+    pred = NoduleDetector(cfg, det)
+    pred.save(tmp_path / "model")
+    again = NoduleDetector.load(tmp_path / "model")
+    assert again.config.detector.kind == "dense"
+    raw = load_raw_scan(root, truth.seriesuids[0])
+    a, b = pred.detect_volume(raw), again.detect_volume(raw)
+    assert len(a) >= 1 and list(a.columns) == [
+        "seriesuid",
+        "coordX",
+        "coordY",
+        "coordZ",
+        "probability",
+    ]
+    assert np.allclose(a["probability"], b["probability"]) and (a["probability"] <= 1).all()
+
+
+def test_torch_preprocessing_matches_scipy():
+    """The GPU path of prepare_scan (grid_sample resampling, ball-convolution dilation) gives
+    the same grid, affine, image and lung field as the scipy path (run here on CPU)."""
+    from scipy import ndimage
+
+    from apps.medical.preprocess import Scan, dilate_mm, prepare_scan, resample, resample_torch
+    from apps.medical.synthetic import make_phantom
+
+    ph = make_phantom(3, 0, None)
+    scan = Scan(ph.hu, ph.affine, ph.series_uid)
+    a, aff_a = resample(ph.hu, ph.affine, (4.0, 4.0, 4.0))
+    b, aff_b = resample_torch(ph.hu, ph.affine, (4.0, 4.0, 4.0), "cpu")
+    assert a.shape == b.shape and np.allclose(aff_a, aff_b)
+    assert np.abs(a - b).max() < 0.05  # HU, float32 rounding of the coordinates
+    m = np.zeros((12, 13, 14), bool)
+    m[5, 6, 7] = m[2, 2, 2] = True
+    ref = ndimage.distance_transform_edt(~m, sampling=(3.0, 2.0, 2.5)) <= 6.0
+    assert np.array_equal(dilate_mm(m, (3.0, 2.0, 2.5), 6.0, "cpu"), ref)
+    p1 = prepare_scan(scan, (4.0, 4.0, 4.0))
+    p2 = prepare_scan(scan, (4.0, 4.0, 4.0), device="cpu")
+    assert (p1.lung != p2.lung).mean() < 0.001 and np.abs(p1.image - p2.image).max() < 0.01

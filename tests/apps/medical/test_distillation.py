@@ -1,0 +1,91 @@
+"""Distilling a two-stage nodule detector into a smaller student (``distillation.py``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from apps.medical.data import ensure_dataset, load_raw_scan, prepare, read_truth, split_series
+from apps.medical.distillation import distill, distill_fit_predictor, stage_distill_configs
+from apps.medical.errors import MedicalDataError
+from apps.medical.predictor import NoduleDetector
+from apps.medical.training import detector_samples, fit_detector, fit_fp_reduction
+from core.spec import TrainResult
+from tests.apps.medical.tiny import tiny_config, tiny_dataset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def teacher_setup(tmp_path_factory):
+    root = tiny_dataset(tmp_path_factory.mktemp("med_distill"))
+    cfg = tiny_config(root)
+    cfg.detector.trainer.max_epochs = 3
+    truth = read_truth(ensure_dataset(cfg.data))
+    train, _ = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
+    scans = [prepare(cfg, load_raw_scan(root, u)) for u in train]
+    det = fit_detector(cfg, scans, truth.subset(train))
+    fp = fit_fp_reduction(cfg, det, scans, truth.subset(train))
+    return cfg, NoduleDetector(cfg, det, fp), scans, truth.subset(train)
+
+
+def _student(cfg):
+    s = copy.deepcopy(cfg)
+    for stage in (s.detector, s.fp_reduction):
+        stage.backbone.d_model = 8
+        stage.backbone.n_layers = 1
+        stage.backbone.ffn_hidden = 16
+        stage.backbone.moe = None
+        stage.backbone.attention.n_heads = 2
+    return s
+
+
+def test_stage_configs() -> None:
+    d1, d2 = stage_distill_configs({"alpha": 0.6})
+    assert (d1.logits_key, d1.kind, d1.alpha) == ("logit_BT", "binary", 0.6)
+    assert (d2.logits_key, d2.kind) == ("logits", "binary")
+
+
+def test_student_heatmap_tracks_teacher(teacher_setup) -> None:
+    cfg, teacher, scans, truth = teacher_setup
+    scfg = _student(cfg)
+    scfg.detector.trainer.max_epochs = 10
+    scfg.detector.optim.warmup_steps = 0
+    scfg.detector.optim.lr = 5e-3
+    samples = detector_samples(cfg, scans, truth, np.random.default_rng(123))
+    batch = {"image": torch.from_numpy(samples["image"])}
+    with torch.no_grad():
+        t_logit = teacher.detector.eval()(batch)["logit_BT"]
+    before = {k: v.clone() for k, v in teacher.detector.state_dict().items()}
+    out = distill_fit_predictor(scfg, teacher, {"alpha": 1.0})
+    torch.manual_seed(scfg.seed)
+    from apps.medical.model import NoduleHeatmapModel
+
+    dc = scfg.detector
+    init = NoduleHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx).eval()
+    with torch.no_grad():
+        i_logit = init(batch)["logit_BT"]
+        s_logit = out.predictor.detector.eval()(batch)["logit_BT"]
+    gap_init = float((i_logit - t_logit).pow(2).mean().sqrt())
+    gap = float((s_logit - t_logit).pow(2).mean().sqrt())
+    assert gap < 0.8 * gap_init, (gap_init, gap)
+    assert out.predictor.fp_model is not None
+    assert out.student_active_params * 4 < out.teacher_active_params
+    for k, v in teacher.detector.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_spec_hook_and_crop_mismatch(teacher_setup) -> None:
+    cfg, teacher, _, _ = teacher_setup
+    res = distill(_student(cfg), teacher, distill_cfg={"alpha": 0.5})
+    assert isinstance(res, TrainResult)
+    assert math.isfinite(res.evaluation.metrics["cpm"])
+    assert 0 <= res.evaluation.metrics["cpm"] <= 1
+    bad = _student(cfg)
+    bad.detector.patch_zyx = (2, 2, 2)
+    with pytest.raises(MedicalDataError, match="detector.patch_zyx"):
+        distill_fit_predictor(bad, teacher)
