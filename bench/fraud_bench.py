@@ -1,14 +1,22 @@
-"""Fraud benchmark: backbone vs LightGBM on the ULB and handbook protocols, same run.
+"""Fraud benchmark: backbone vs LightGBM on the ULB and handbook protocols, same run,
+and scoring throughput with features included.
 
-* ULB (``configs/ulb.yaml``): first 70 % of time trains (its last 20 % validates), last
-  30 % tests; PR-AUC, ROC-AUC, recall at precision 0.9.
-* Handbook (``configs/handbook.yaml``): 7 train days (last 2 validate) / 7 delay / 7 test
-  days from 2018-07-25, known-compromised cards removed; Card Precision@100 per day, AP.
+* ``ulb`` (``configs/ulb.yaml``): first 70 % of time trains (its last 20 % validates:
+  best epoch, calibration, threshold, LightGBM early stopping), last 30 % tests; PR-AUC,
+  ROC-AUC, recall at precision 0.9 on the whole test block.
+* ``handbook`` (``configs/handbook.yaml``): 7 train days (last 2 validate) / 7 delay / 7
+  test days from 2018-07-25, known-compromised cards removed; Card Precision@100 per day
+  (mean over the 7 test days), AP.
+* ``throughput``: rows/s of raw ULB rows -> features (``apps.fraud.fastscore.RowFeatures``)
+  -> score, timed side by side for the backbone, a distilled MLP student and LightGBM
+  (2 threads each on CPU). On CPU it needs the ULB fit (run in the same call). With
+  ``--device cuda`` it needs only torch + numpy + PyYAML + lightning (no polars, lightgbm,
+  mlflow, no data): the ULB architecture with random weights (speed does not depend on
+  weight values) scores synthetic raw rows.
 
-No MLflow (runs on a GPU box without it); polars, lightgbm, lightning, torch needed.
 Writes ``bench/results/fraud.json`` via ``bench.common.record`` and prints a table::
 
-    python -m bench.fraud_bench [--only ulb|handbook] [--device cpu|cuda] [--epochs N]
+    python -m bench.fraud_bench [--only ulb|handbook|throughput ...] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -16,58 +24,224 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from apps.fraud.config import load_config
-from apps.fraud.training import fit
-from bench.common import machine, record
+import numpy as np
+import torch
+
+from bench.common import machine, record, sync, time_fn
 
 KEYS = {
     "ulb": {
-        "pr_auc": "ulb_pr_auc",
+        "pr_auc": "ulb_ap",
         "roc_auc": "ulb_roc_auc",
         "recall_at_precision_0.9": "ulb_recall_at_p90",
-        "baseline/pr_auc": "ulb_lightgbm_pr_auc",
-        "baseline/roc_auc": "ulb_lightgbm_roc_auc",
-        "baseline/recall_at_precision_0.9": "ulb_lightgbm_recall_at_p90",
+        "baseline/pr_auc": "ulb_ap_lightgbm",
+        "baseline/roc_auc": "ulb_roc_auc_lightgbm",
+        "baseline/recall_at_precision_0.9": "ulb_recall_at_p90_lightgbm",
     },
     "handbook": {
         "card_precision_at_100": "handbook_cp100",
         "pr_auc": "handbook_ap",
-        "baseline/card_precision_at_100": "handbook_lightgbm_cp100",
-        "baseline/pr_auc": "handbook_lightgbm_ap",
+        "baseline/card_precision_at_100": "handbook_cp100_lightgbm",
+        "baseline/pr_auc": "handbook_ap_lightgbm",
     },
 }
+ULB_YAML = Path(__file__).resolve().parents[1] / "apps" / "fraud" / "configs" / "ulb.yaml"
+
+
+def _cmd(argv: list[str] | None) -> str:
+    return "python -m bench.fraud_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> Any:
+    from apps.fraud.config import load_config
+    from apps.fraud.training import fit
+
+    cfg = load_config(name)
+    if args.epochs:
+        cfg.trainer.max_epochs = args.epochs
+    t0 = time.time()
+    out = fit(cfg, device=None if args.device == "cpu" else args.device)
+    secs = time.time() - t0
+    m = out.evaluation.metrics
+    split = out.data.split
+    details = {
+        "protocol": out.evaluation.protocol,
+        "seconds": round(secs),
+        "command": cmd,
+        "test_rows": len(split.test),
+        "test_frauds": int(out.data.y[split.test].sum()),
+        "valid_frauds": int(out.data.y[split.valid].sum()),
+        **{k: v for k, v in out.extra.items() if v is not None},
+    }
+    if out.baseline is not None:
+        details["lightgbm_trees"] = out.baseline.best_iteration_
+    print(f"[{name}] test block: {details['test_rows']} rows, {details['test_frauds']} frauds")
+    for metric, key in KEYS[name].items():
+        if metric in m:
+            record("fraud", key, float(m[metric]), details)
+            rows.append((key, m[metric]))
+    rows.append((f"{name}_seconds", secs))
+    return out
+
+
+def _ulb_raw(out: Any) -> np.ndarray:
+    """Test-block raw rows ``[time_s, amount, V1..V28]`` (what RowFeatures reads)."""
+    schema = out.data.schema
+    raw = out.data.raw
+    cols = [schema.time_column, schema.amount_column, *schema.numeric_columns]
+    return raw.select(cols).to_numpy()[out.data.split.test].astype(np.float64)
+
+
+def throughput_cpu(out: Any, cmd: str, rows: list, threads: int) -> None:
+    """Backbone, student and LightGBM on the same raw test rows, features included."""
+    from apps.fraud.fastscore import RowFeatures, distill_student, score_rows
+    from apps.fraud.metrics import fraud_metrics
+
+    torch.set_num_threads(threads)
+    state = out.predictor.inputs.state_dict()
+    feats = RowFeatures.from_state(state)
+    raw_np = _ulb_raw(out)
+    raw = torch.from_numpy(raw_np)
+    # features in torch == features of the evaluated pipeline
+    x_ref = out.inputs.x_num[out.data.split.test]
+    x_got = feats(raw).numpy()
+    max_diff = float(np.abs(x_got - x_ref).max())
+    if max_diff > 1e-4:
+        raise RuntimeError(f"RowFeatures differ from InputBuilder by {max_diff}")
+    model = out.predictor.model.float().eval()
+    split, y = out.data.split, out.data.y
+    teacher_rows = np.concatenate([split.train, split.valid])
+    teacher = out.predictor.score_inputs(out.inputs.take(teacher_rows))[0]
+    t0 = time.time()
+    student = distill_student(out.inputs.x_num[teacher_rows], teacher, seed=0)
+    distill_s = time.time() - t0
+    s_logits = score_rows(feats, student, raw).numpy()
+    sm = fraud_metrics(y[split.test], s_logits)
+    n = raw.shape[0]
+    details = {"command": cmd, "rows": n, "threads": threads, "features": "included"}
+
+    def rate(fn: Any) -> float:
+        t = time_fn(fn, warmup=1, reps=3)
+        return n / (t["median_ms"] / 1e3)
+
+    r_backbone = rate(lambda: score_rows(feats, model, raw, batch_size=4096))
+    r_student = rate(lambda: score_rows(feats, student, raw))
+    booster = out.baseline.model_.booster_
+    it = out.baseline.best_iteration_
+
+    def lgb_score() -> np.ndarray:
+        x = feats(raw, scaled=False).numpy()
+        return booster.predict(x, num_iteration=it, num_threads=threads)
+
+    r_lgb = rate(lgb_score)
+    common = {**details, "student_ap": sm["pr_auc"], "distill_seconds": round(distill_s)}
+    common["student_recall_at_p90"] = sm["recall_at_precision_0.9"]
+    record("fraud", "score_rows_per_s_cpu", r_student, {**common, "model": "distilled MLP student"})
+    record("fraud", "score_rows_per_s_cpu_backbone", r_backbone, {**details, "model": "backbone"})
+    record("fraud", "score_rows_per_s_cpu_lightgbm", r_lgb, {**details, "trees": it})
+    record("fraud", "ulb_ap_student", sm["pr_auc"], common)
+    rows += [
+        ("score_rows_per_s_cpu (student)", r_student),
+        ("score_rows_per_s_cpu_backbone", r_backbone),
+        ("score_rows_per_s_cpu_lightgbm", r_lgb),
+        ("ulb_ap_student", sm["pr_auc"]),
+    ]
+
+
+def throughput_synthetic(cmd: str, rows: list, n_rows: int, device: str = "cuda") -> None:
+    """rows/s of the ULB backbone (bf16 autocast) and a student on ``device``, features
+    included, on synthetic raw rows with random weights (no data, polars or lightgbm).
+    Records ``score_rows_per_s_gpu`` only for CUDA (CPU runs are smoke tests)."""
+    import yaml
+
+    from apps.fraud.fastscore import RowFeatures, StudentMLP, score_rows
+    from apps.fraud.model import FraudModel
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    cfg = yaml.safe_load(ULB_YAML.read_text())
+    numeric = [f"V{i}" for i in range(1, 29)]
+    names = ["amount", "amount_log1p", "hour", "is_night", *numeric]
+    f = len(names)
+    feats = RowFeatures(
+        names,
+        numeric,
+        dict.fromkeys(numeric, 0.0),
+        [True, True, True, True] + [False] * 28,
+        [3.0, 3.0, 2.5, 0.2] + [0.0] * 28,
+        [1.5, 1.5, 0.5, 0.4] + [1.0] * 28,
+    ).to(device)
+    head = cfg.get("head", {})
+    model = (
+        FraudModel(
+            cfg["model"],
+            None,
+            n_numeric=f,
+            numeric_encoding=head.get("numeric_encoding", "linear"),
+            n_frequencies=head.get("n_frequencies", 16),
+            frequency_scale=head.get("frequency_scale", 0.5),
+        )
+        .to(device)
+        .eval()
+    )
+    student = StudentMLP(f).to(device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    raw = torch.randn(n_rows, 30, device=device, generator=g)
+    raw[:, 0] = torch.rand(n_rows, device=device, generator=g) * 172_800
+    raw[:, 1] = torch.exp(raw[:, 1] * 1.5 + 3)
+    details = {"command": cmd, "rows_per_call": n_rows, "features": "included (torch)"}
+    for name, mdl, bs, key in (
+        ("backbone", model, 65536, "score_rows_per_s_gpu"),
+        ("student", student, n_rows, "score_rows_per_s_gpu_student"),
+    ):
+
+        def fn(mdl=mdl, bs=bs) -> torch.Tensor:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return score_rows(feats, mdl, raw, batch_size=bs)
+
+        sync()
+        t = time_fn(fn, warmup=3, reps=10)
+        r = n_rows / (t["median_ms"] / 1e3)
+        if device == "cuda":
+            record("fraud", key, r, {**details, "model": name, "batch": bs, **t})
+        rows.append((key if device == "cuda" else f"{key} ({device} smoke)", r))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=sorted(KEYS), action="append")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
+    ap.add_argument("--only", choices=[*sorted(KEYS), "throughput"], action="append")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for scoring")
+    ap.add_argument("--rows", type=int, default=1 << 21, help="rows per GPU throughput call")
+    ap.add_argument(
+        "--synthetic", action="store_true", help="throughput on synthetic rows, random weights"
+    )
     args = ap.parse_args(argv)
-    rows = []
-    for name in args.only or ["ulb", "handbook"]:
-        cfg = load_config(name)
-        if args.epochs:
-            cfg.trainer.max_epochs = args.epochs
-        t0 = time.time()
-        out = fit(cfg, device=args.device)
-        secs = time.time() - t0
-        m = out.evaluation.metrics
-        cmd = "python -m bench.fraud_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        for metric, key in KEYS[name].items():
-            if metric in m:
-                record(
-                    "fraud",
-                    key,
-                    float(m[metric]),
-                    {"protocol": out.evaluation.protocol, "seconds": round(secs), "command": cmd},
-                )
-                rows.append((key, m[metric]))
-        rows.append((f"{name}_seconds", secs))
+    cmd = _cmd(argv)
+    todo = args.only or ["ulb", "handbook", "throughput"]
+    rows: list = []
+    if args.synthetic or (args.device == "cuda" and todo == ["throughput"]):
+        throughput_synthetic(cmd, rows, args.rows, args.device)
+    else:
+        torch.set_num_threads(args.threads)
+        ulb = None
+        for name in todo:
+            if name in KEYS:
+                out = run_protocol(name, args, cmd, rows)
+                ulb = out if name == "ulb" else ulb
+        if "throughput" in todo:
+            if args.device == "cuda":
+                throughput_synthetic(cmd, rows, args.rows, "cuda")
+            else:
+                ulb = ulb or run_protocol("ulb", args, cmd, rows)
+                throughput_cpu(ulb, cmd, rows, args.threads)
     print(f"\nfraud bench on {machine()}")
     for key, value in rows:
-        print(f"  {key:32s} {value:10.4f}")
+        print(f"  {key:34s} {value:14.4f}")
     return 0
 
 

@@ -53,7 +53,14 @@ class FraudModel(TaskModule):
         pos_weight: float = 1.0,
         focal_gamma: float = 2.0,
         head_dropout: float = 0.1,
+        numeric_encoding: str = "linear",
+        n_frequencies: int = 16,
+        frequency_scale: float = 0.5,
     ) -> None:
+        if numeric_encoding not in NUMERIC_ENCODINGS:
+            raise ValueError(
+                f"numeric_encoding must be one of {NUMERIC_ENCODINGS}, got {numeric_encoding!r}"
+            )
         super().__init__(
             backbone_config,
             optim_config,
@@ -65,9 +72,17 @@ class FraudModel(TaskModule):
             pos_weight=pos_weight,
             focal_gamma=focal_gamma,
             head_dropout=head_dropout,
+            numeric_encoding=numeric_encoding,
+            n_frequencies=n_frequencies,
+            frequency_scale=frequency_scale,
         )
         d = self.backbone_config.d_model
         self.tokenizer = FeatureTokenizer(n_numeric, list(cat_cardinalities), d, cls_token=True)
+        self.periodic = (
+            PeriodicNumeric(n_numeric, d, n_frequencies, frequency_scale)
+            if numeric_encoding == "periodic" and n_numeric
+            else None
+        )
         self.history_len = history_len if n_hist_features else 0
         if self.history_len:
             self.hist_proj = nn.Linear(n_hist_features, d)
@@ -80,7 +95,12 @@ class FraudModel(TaskModule):
     # ------------------------------------------------------------------ tokens
     def feature_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         x_cat = batch["x_cat"] if self.tokenizer.cat_cardinalities else None
-        return self.tokenizer(batch["x_num"], x_cat)
+        tok_BTD = self.tokenizer(batch["x_num"], x_cat)
+        if self.periodic is None:
+            return tok_BTD
+        n = self.tokenizer.n_numeric
+        per_BND = self.periodic(batch["x_num"])
+        return torch.cat([tok_BTD[:, :1], tok_BTD[:, 1 : 1 + n] + per_BND, tok_BTD[:, 1 + n :]], 1)
 
     def history_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         if not self.history_len:
@@ -119,6 +139,31 @@ class FraudModel(TaskModule):
         w = torch.where(y > 0, pw, torch.ones_like(pw))
         return (w * (1 - p_t) ** self.focal_gamma * bce).mean()
 
+    # ------------------------------------------------------------------ validation AP
+    def on_validation_epoch_start(self) -> None:
+        self._val_logits: list[Tensor] = []
+        self._val_y: list[Tensor] = []
+
+    def val_metrics(self, preds: Tensor, batch: Mapping[str, Tensor]) -> None:
+        """Collect validation logits: average precision is a whole-block metric (a mean of
+        per-batch APs is not AP), computed in :meth:`on_validation_epoch_end`."""
+        if hasattr(self, "_val_logits"):
+            self._val_logits.append(preds.detach().float().cpu())
+            self._val_y.append(batch["y"].detach().cpu())
+        return None
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/ap`` (average precision over the whole validation block), the metric
+        early stopping / best-epoch selection should follow: validation loss rewards
+        calibration of the many legitimate rows, not the ranking of the few frauds."""
+        if not getattr(self, "_val_logits", None):
+            return
+        s = torch.cat(self._val_logits).numpy()
+        y = torch.cat(self._val_y).numpy()
+        self._val_logits, self._val_y = [], []
+        if 0 < y.sum() < len(y):
+            self.log("val/ap", float(average_precision_np(y, s)), prog_bar=True)
+
     # ------------------------------------------------------------------ explanations
     def attributions(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(logit_B, contrib_BK)``: K = N + C feature tokens (+1 for card history)."""
@@ -140,6 +185,44 @@ class FraudModel(TaskModule):
         if hist is not None:
             contrib = torch.cat([contrib, (tok_BHD * grads[1]).sum((1, 2)).unsqueeze(1)], 1)
         return logit_B.detach(), contrib.detach()
+
+
+NUMERIC_ENCODINGS = ("linear", "periodic")
+
+
+def average_precision_np(y: np.ndarray, s: np.ndarray) -> float:
+    """Average precision (sklearn's definition, ties grouped) without a polars import."""
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tps = np.cumsum(y_sorted)[last]
+    precision = tps / (last + 1)
+    return float(np.sum(np.diff(np.r_[0.0, tps]) / tps[-1] * precision))
+
+
+class PeriodicNumeric(nn.Module):
+    """Periodic numeric embeddings ("PLR", Gorishniy et al., NeurIPS 2022): feature j is
+    ``relu(W_j [sin(2 pi c_j x), cos(2 pi c_j x)] + b_j)`` with K learned frequencies
+    ``c_j`` per feature. A single linear token ``x W_j`` can only scale one direction;
+    fraud on PCA features lives in narrow value ranges (tails), which periodic features
+    resolve; they are what lets MLPs / transformers match boosted trees on tabular data.
+    Added to the tokenizer's linear tokens, so ``linear`` stays a special case.
+    """
+
+    def __init__(self, n_features: int, d_model: int, n_frequencies: int, sigma: float) -> None:
+        super().__init__()
+        self.freq_NK = nn.Parameter(torch.randn(n_features, n_frequencies) * sigma)
+        self.weight_NKD = nn.Parameter(
+            torch.randn(n_features, 2 * n_frequencies, d_model) * (2 * n_frequencies) ** -0.5
+        )
+        self.bias_ND = nn.Parameter(torch.zeros(n_features, d_model))
+
+    def forward(self, x_BN: Tensor) -> Tensor:
+        x_BN = torch.nan_to_num(x_BN.float())
+        ang_BNK = 2 * torch.pi * x_BN.unsqueeze(-1) * self.freq_NK
+        feat_BNK = torch.cat([torch.sin(ang_BNK), torch.cos(ang_BNK)], -1)
+        out_BND = torch.einsum("bnk,nkd->bnd", feat_BNK, self.weight_NKD) + self.bias_ND
+        return torch.relu(out_BND)
 
 
 # ============================================================================ data

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from apps.fraud.config import FraudConfig, demo_config
+from apps.fraud.distillation import distill
 from apps.fraud.predictor import FraudPredictor, raw_input_columns
 from apps.fraud.training import evaluate_predictor, fit
 from core.spec import AppSpec, EvalResult, TrainResult
@@ -92,6 +93,7 @@ SPEC = AppSpec(
     primary_metric="pr_auc",
     guard_metrics={"recall_at_alert_budget": ("max", 0.02), "roc_auc": ("max", 0.02)},
     demo_config=demo_config,
+    distill=distill,
     summary_metrics=(
         "pr_auc",
         "recall_at_precision_0.9",

@@ -184,6 +184,22 @@ def score_metrics(
     return m
 
 
+def ranking_metrics(
+    y: np.ndarray, logits: np.ndarray, calibration: dict[str, Any]
+) -> dict[str, float]:
+    """PR-AUC / ROC-AUC / recall@precision 0.9 from the LOGITS when the calibration is
+    strictly monotone (``platt``, ``none``): the ranking is the same, but float64
+    ``sigmoid`` rounds every logit above ~37 to exactly 1.0, which ties the most
+    suspicious rows together and ruins the top of the precision-recall curve (a recall at
+    precision 0.9 of 0.03 in the first ULB run). ``isotonic`` ties are genuine: keep them.
+    """
+    if calibration.get("method") == "isotonic":
+        return {}
+    m = fraud_metrics(y, np.asarray(logits, np.float64))
+    keys = ("pr_auc", "roc_auc", "recall_at_precision_0.9", "recall_at_fpr_0.01")
+    return {k: m[k] for k in keys}
+
+
 def _build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudModel:
     return FraudModel(
         cfg.model,
@@ -196,7 +212,39 @@ def _build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> Fraud
         pos_weight=pos_weight,
         focal_gamma=cfg.head.focal_gamma,
         head_dropout=cfg.head.dropout,
+        numeric_encoding=cfg.head.numeric_encoding,
+        n_frequencies=cfg.head.n_frequencies,
+        frequency_scale=cfg.head.frequency_scale,
     )
+
+
+class KeepBestWeights(L.Callback):
+    """Remember the weights of the epoch with the best ``monitor`` (higher is better) and
+    load them back when training ends: best-epoch selection on the validation block
+    without checkpoint files (the benchmark box may not have a writable checkpoint dir)."""
+
+    def __init__(self, monitor: str = "val/ap") -> None:
+        self.monitor = monitor
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict[str, Any] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks BEFORE the
+        # module's, where ``val/ap`` is computed; this one would see the previous epoch's.
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if self.best is None or value > self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self._state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)
 
 
 def fit(
@@ -231,7 +279,8 @@ def fit(
     if device is not None:
         trainer_cfg = replace(trainer_cfg, accelerator=device)
     trainer_cfg = replace(trainer_cfg, seed=cfg.seed)
-    trainer = build_trainer(trainer_cfg, logger=logger)
+    keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
+    trainer = build_trainer(trainer_cfg, [keep_best] if keep_best else (), logger=logger)
     model = _build_model(cfg, ib, pos_weight)
     trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
     model = model.float().cpu() if device not in (None, "cpu") else model
@@ -262,6 +311,10 @@ def fit(
             learning_rate=cfg.baseline.learning_rate,
             num_leaves=cfg.baseline.num_leaves,
             early_stopping_rounds=cfg.baseline.early_stopping_rounds,
+            imbalance=cfg.baseline.imbalance,
+            subsample=cfg.baseline.subsample,
+            colsample_bytree=cfg.baseline.colsample_bytree,
+            n_jobs=cfg.baseline.n_jobs,
             random_state=cfg.seed,
         ).fit(
             x[split.train],
@@ -276,9 +329,10 @@ def fit(
         base_scores = baseline.decision_function(x[split.test])
 
     evaluation = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr)
-    return FitOutput(
-        predictor, data, mi, evaluation, baseline, split.valid, {"pos_weight": pos_weight}
-    )
+    extra: dict[str, Any] = {"pos_weight": pos_weight}
+    if keep_best is not None:
+        extra.update(best_epoch=keep_best.best_epoch, best_val_ap=keep_best.best)
+    return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, extra)
 
 
 def evaluate_inputs(
@@ -292,8 +346,9 @@ def evaluate_inputs(
 ) -> EvalResult:
     """Test-block metrics of ``predictor`` (and of the baseline's test scores if given)."""
     test = data.split.test
-    _, scores = predictor.score_inputs(mi.take(test))
+    logits, scores = predictor.score_inputs(mi.take(test))
     metrics = score_metrics(cfg, data, test, scores, predictor.threshold)
+    metrics.update(ranking_metrics(data.y[test], logits, predictor.calibration))
     tables: dict[str, Any] = {}
     if data.cards is not None:
         daily = card_precision_at_k_daily(

@@ -1,0 +1,181 @@
+"""Distil a (registered) fraud teacher into the student described by a config.
+
+Same protocol as :func:`apps.fraud.training.fit` (time split of the config, legitimate
+training rows sub-sampled, calibration and alert threshold on the VALIDATION block only,
+metrics on the TEST block by :func:`apps.fraud.training.evaluate_inputs`), with one
+difference: the student reads the features of the *teacher's* fitted ``InputBuilder`` (as
+:func:`apps.fraud.training.evaluate_predictor` does), so teacher and student see identical
+inputs. That builder was fitted on the teacher's training rows: distil with a config
+whose protocol matches the teacher's, or the teacher's feature statistics may have seen
+rows that are validation or test rows here (the protocol text says which teacher was used).
+
+The teacher's output is one fraud logit per transaction; the soft target is the tempered
+two-class KL (``DistillConfig.kind = "binary"`` when left ``auto``). No LightGBM baseline
+is fitted (the student competes with its teacher, not with the baseline). No MLflow here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from apps.fraud.calibration import apply_calibration, fit_calibration
+from apps.fraud.config import FraudConfig
+from apps.fraud.errors import FraudDataError
+from apps.fraud.inputs import history_feature_names
+from apps.fraud.model import FraudModel, loader, predict_logits
+from apps.fraud.predictor import FraudPredictor
+from apps.fraud.training import (
+    PreparedData,
+    choose_threshold,
+    evaluate_inputs,
+    load_data,
+)
+from core.distill import DistillConfig, count_active_params, distill_fit
+from core.engine import seed_everything
+from core.spec import EvalResult, TrainResult
+
+
+def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillConfig:
+    """``cfg`` with ``kind="binary"`` when left ``auto`` (one logit per row)."""
+    d = cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(dict(cfg or {}))
+    return dataclasses.replace(d, kind="binary") if d.kind == "auto" else d
+
+
+def training_rows(data: PreparedData, rate: float, seed: int) -> np.ndarray:
+    """All training frauds plus a seeded share ``rate`` of legitimate training rows."""
+    idx = data.split.train
+    if rate >= 1:
+        return idx
+    rng = np.random.default_rng(seed)
+    return idx[(data.y[idx] == 1) | (rng.random(len(idx)) < rate)]
+
+
+def build_student(cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float) -> FraudModel:
+    """The student of ``cfg`` over the teacher's inputs (same tokens, own backbone size)."""
+    ib = teacher.inputs
+    return FraudModel(
+        cfg.model,
+        cfg.optim,
+        n_numeric=len(ib.feature_columns.numeric),
+        cat_cardinalities=ib.cat_cardinalities,
+        n_hist_features=len(history_feature_names(ib.schema)) if ib.history_len else 0,
+        history_len=ib.history_len,
+        loss=cfg.head.loss,
+        pos_weight=pos_weight,
+        focal_gamma=cfg.head.focal_gamma,
+        head_dropout=cfg.head.dropout,
+    )
+
+
+@dataclasses.dataclass
+class DistillOutput:
+    predictor: FraudPredictor
+    data: PreparedData
+    evaluation: EvalResult
+    student_active_params: int
+    teacher_active_params: int
+
+
+def distill_fit_predictor(
+    cfg: FraudConfig,
+    teacher: FraudPredictor,
+    distill_cfg: DistillConfig | dict | None = None,
+    logger: Any = False,
+    data: PreparedData | None = None,
+    device: str | None = None,
+) -> DistillOutput:
+    """Train the student of ``cfg`` against ``teacher``; calibrate + threshold on validation."""
+    if not isinstance(teacher, FraudPredictor):
+        raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
+    dcfg = default_distill_config(distill_cfg)
+    data = data or load_data(cfg)
+    if data.schema.name != teacher.schema.name:
+        raise FraudDataError(
+            f"teacher schema {teacher.schema.name!r} but the student config reads"
+            f" {data.schema.name!r}: teacher and student must score the same columns"
+        )
+    split = data.split
+    if len(split.valid) == 0:
+        raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
+    seed_everything(cfg.seed)
+    mi = teacher.inputs.transform(data.frame)
+    rows = training_rows(data, cfg.head.neg_sample_rate, cfg.seed)
+    n_pos = int(data.y[rows].sum())
+    if n_pos == 0:
+        raise FraudDataError(f"no fraud in the {len(rows)} training rows; cannot train")
+    pw = cfg.head.pos_weight
+    pos_weight = math.sqrt((len(rows) - n_pos) / n_pos) if pw == "sqrt" else float(pw or 1.0)
+    train = {**mi.take(rows), "y": data.y[rows]}
+    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
+    trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)
+    if device is not None:
+        trainer_cfg = dataclasses.replace(trainer_cfg, accelerator=device)
+    student = build_student(cfg, teacher, pos_weight)
+    student = distill_fit(
+        student,
+        teacher.model,
+        loader(train, cfg.head.batch_size, shuffle=True, seed=cfg.seed),
+        loader(valid, max(cfg.head.batch_size, 1024), shuffle=False),
+        trainer_cfg,
+        dcfg,
+        logger,
+    )
+    val_logits = predict_logits(student, mi.take(split.valid))
+    calib = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
+    val_scores = apply_calibration(val_logits, calib)
+    amounts = data.frame.get_column(data.schema.amount_column).to_numpy()
+    threshold, rule = choose_threshold(
+        cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
+    )
+    predictor = FraudPredictor(
+        student,
+        teacher.inputs,
+        calib,
+        {"alert": threshold},
+        {"n_reasons": cfg.head.n_reasons, "history_path": cfg.history_path, "rule": rule},
+    )
+    ev = evaluate_inputs(cfg, data, predictor, mi)
+    ev.protocol += (
+        " Distilled student: features from the teacher's fitted input builder;"
+        f" distillation {dcfg.to_dict()}."
+    )
+    return DistillOutput(
+        predictor, data, ev, count_active_params(student), count_active_params(teacher.model)
+    )
+
+
+def distill(
+    cfg: FraudConfig,
+    teacher: FraudPredictor,
+    run: Any = None,
+    distill_cfg: DistillConfig | dict | None = None,
+) -> TrainResult:
+    """``AppSpec.distill``: distil, then the same test-block evaluation as ``spec.train``."""
+    from apps.fraud.spec import KNOWN_LIMITS, id_columns_as_float
+
+    logger: Any = False
+    if run is not None:
+        from core.tracking import lightning_logger
+
+        logger = lightning_logger(run)
+    out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
+    test = out.data.split.test
+    example = id_columns_as_float(
+        out.data.raw[test[:5]].select(out.predictor.input_columns).to_pandas(), out.data.schema
+    )
+    return TrainResult(
+        predictor=out.predictor,
+        evaluation=out.evaluation,
+        input_example=example,
+        data_fingerprint=out.data.fingerprint,
+        extra={
+            "known_limits": [*KNOWN_LIMITS, "distilled student: the teacher's input builder"],
+            "student_active_params": out.student_active_params,
+            "teacher_active_params": out.teacher_active_params,
+            "distill_config": default_distill_config(distill_cfg).to_dict(),
+        },
+    )

@@ -1,0 +1,219 @@
+"""Polars-free scoring path: row features in torch + a small distilled student.
+
+For schemas WITHOUT card / terminal ids (ULB) every feature of a transaction is an
+elementwise function of its own raw columns (amount, log1p(amount), hour, night flag, the
+schema's numeric columns), so features can be computed in torch on the scoring device
+next to the model: :class:`RowFeatures` reproduces ``FeatureBuilder.transform`` +
+``Scaler.transform`` exactly from the JSON state of a fitted ``InputBuilder``
+(``InputBuilder.state_dict()``), with no polars import. Throughput benchmarks use it so
+that "features included" means the same work for every model.
+
+:class:`StudentMLP` is a small MLP distilled from the backbone's logits
+(:func:`distill_student`): the cheap scorer for CPU serving, evaluated on the same test
+block as its teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+CLIP = 8.0  # same clip as apps.fraud.inputs.CLIP
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+class RowFeatures(nn.Module):
+    """``raw_BR -> x_BF`` for schemas without card / terminal ids.
+
+    ``raw_BR`` columns: ``[time, amount, *numeric_columns]`` with time in the schema's
+    ``time_unit`` since a midnight origin (ULB: seconds since the first transaction).
+    ``scaled=True`` returns the backbone's inputs (log1p on flagged columns, standardised
+    with training mean/std, clipped to +-8); ``scaled=False`` the unscaled features
+    LightGBM reads. NaN numeric values get the training fill value, as in ``features.py``.
+    """
+
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        numeric_columns: Sequence[str],
+        fill_values: Mapping[str, float],
+        log: Sequence[bool],
+        mean: Sequence[float],
+        std: Sequence[float],
+        seconds_per_unit: float = 1.0,
+        night_hours: tuple[int, int] = (22, 6),
+    ) -> None:
+        super().__init__()
+        known = {"amount", "amount_log1p", "hour", "is_night", *numeric_columns}
+        unknown = [f for f in feature_names if f not in known]
+        if unknown:
+            raise ValueError(
+                f"RowFeatures handles only row-local features; {unknown} need per-card or "
+                "per-terminal history (use apps.fraud.inputs.InputBuilder)"
+            )
+        if not len(feature_names) == len(log) == len(mean) == len(std):
+            raise ValueError("feature_names, log, mean and std must have equal lengths")
+        self.feature_names = list(feature_names)
+        self.numeric_columns = list(numeric_columns)
+        self.seconds_per_unit = float(seconds_per_unit)
+        self.night_hours = (int(night_hours[0]), int(night_hours[1]))
+        # features are computed in this base order, then permuted to ``feature_names``
+        base = ["amount", "amount_log1p", "hour", "is_night", *numeric_columns]
+        perm = [base.index(f) for f in feature_names]
+        self.identity = perm == list(range(len(base)))
+        self.register_buffer("perm_F", torch.tensor(perm, dtype=torch.long), persistent=False)
+        fill = [0.0, 0.0, *[float(fill_values[c]) for c in numeric_columns]]
+        self.register_buffer("fill_R", torch.tensor(fill, dtype=torch.float64), persistent=False)
+        log_idx = [i for i, v in enumerate(log) if v]
+        self.register_buffer("log_idx", torch.tensor(log_idx, dtype=torch.long), persistent=False)
+        self.register_buffer("mean_F", torch.tensor([float(v) for v in mean]), persistent=False)
+        inv = [1.0 / float(v) for v in std]
+        self.register_buffer("inv_std_F", torch.tensor(inv), persistent=False)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RowFeatures:
+        """From ``InputBuilder.state_dict()`` (plain JSON; no polars needed)."""
+        schema, feats = state["schema"], state["features"]
+        if schema.get("card_column") or schema.get("terminal_column"):
+            raise ValueError(
+                f"schema {schema.get('name')!r} has card/terminal ids: its features need "
+                "history; RowFeatures covers row-local schemas only"
+            )
+        if state["categorical"]:
+            raise ValueError("RowFeatures does not encode categorical columns")
+        if schema.get("time_kind") != "offset" or schema.get("time_origin") not in (None, ""):
+            raise ValueError("RowFeatures needs an offset time column from a midnight origin")
+        sc = state["scaler"]
+        return cls(
+            state["numeric"],
+            list(schema["numeric_columns"]),
+            state["fill_values"],
+            sc["log"],
+            sc["mean"],
+            sc["std"],
+            seconds_per_unit=_SECONDS[schema.get("time_unit", "s")],
+            night_hours=tuple(feats.get("night_hours", (22, 6))),
+        )
+
+    @property
+    def raw_columns(self) -> int:
+        return 2 + len(self.numeric_columns)
+
+    def forward(self, raw_BR: Tensor, scaled: bool = True) -> Tensor:
+        """Scaled features in float32 (the backbone's inputs); unscaled ones computed in
+        float64 on CPU and rounded to float32, as ``FeatureBuilder.to_matrices`` does
+        (the matrix LightGBM was trained on)."""
+        if raw_BR.ndim != 2 or raw_BR.shape[1] != self.raw_columns:
+            raise ValueError(
+                f"raw rows must be [B, {self.raw_columns}] (time, amount, "
+                f"{len(self.numeric_columns)} numeric columns), got {tuple(raw_BR.shape)}"
+            )
+        wide = not scaled and raw_BR.device.type == "cpu"
+        dtype = torch.float64 if wide else torch.float32
+        t = raw_BR[:, 0].to(torch.float64)  # hour boundaries need float64 seconds
+        raw_BR = raw_BR.to(dtype)
+        raw_BR = torch.where(torch.isnan(raw_BR), self.fill_R.to(dtype), raw_BR)
+        hour_B = torch.floor(t * self.seconds_per_unit / 3600.0).remainder(24.0)
+        lo, hi = self.night_hours
+        night_B = ((hour_B >= lo) | (hour_B < hi)) if lo > hi else ((hour_B >= lo) & (hour_B < hi))
+        amount_B1 = raw_BR[:, 1:2]
+        x_BF = torch.cat(
+            [
+                amount_B1,
+                torch.log1p(amount_B1.clamp_min(0)),
+                hour_B.to(dtype).unsqueeze(1),
+                night_B.to(dtype).unsqueeze(1),
+                raw_BR[:, 2:],
+            ],
+            1,
+        )
+        if not self.identity:
+            x_BF = x_BF[:, self.perm_F]
+        if not scaled:
+            return x_BF.float()
+        if self.log_idx.numel():
+            x_BF[:, self.log_idx] = torch.log1p(x_BF[:, self.log_idx].clamp_min(0))
+        return ((x_BF - self.mean_F) * self.inv_std_F).clamp_(-CLIP, CLIP)
+
+
+class StudentMLP(nn.Module):
+    """``x_num_BF -> logit_B``: a small MLP (SiLU) distilled from the backbone's logits."""
+
+    def __init__(self, n_features: int, hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        dims = [n_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.net = nn.Sequential(*layers)
+        self.n_features = n_features
+        self.hidden = list(hidden)
+
+    def forward(self, x_BF: Tensor) -> Tensor:
+        return self.net(x_BF).squeeze(-1)
+
+
+def distill_student(
+    x_NF: np.ndarray,
+    teacher_logits_N: np.ndarray,
+    hidden: Sequence[int] = (64, 32),
+    epochs: int = 6,
+    batch_size: int = 1024,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> StudentMLP:
+    """Fit a :class:`StudentMLP` to the teacher's logits (MSE on logits = matching the
+    teacher's scores on every row, frauds and the many legitimate rows alike). Use rows the
+    teacher was trained or validated on, never test rows."""
+    if len(x_NF) != len(teacher_logits_N) or len(x_NF) == 0:
+        raise ValueError(
+            f"x has {len(x_NF)} rows, teacher logits {len(teacher_logits_N)}; need equal, > 0"
+        )
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student = StudentMLP(x_NF.shape[1], hidden)
+    x = torch.from_numpy(np.ascontiguousarray(x_NF, np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(teacher_logits_N, np.float32))
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    student.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch_size):
+            b = perm[s : s + batch_size]
+            loss = nn.functional.mse_loss(student(x[b]), t[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return student.eval()
+
+
+@torch.no_grad()
+def score_rows(
+    features: RowFeatures, model: nn.Module, raw_BR: Tensor, batch_size: int = 65536
+) -> Tensor:
+    """Logits of raw rows: features + model, batch by batch, on ``raw_BR``'s device.
+    ``model`` takes either ``x_num`` (a student) or the backbone's batch dict."""
+    out = []
+    for s in range(0, raw_BR.shape[0], batch_size):
+        x_BF = features(raw_BR[s : s + batch_size])
+        if isinstance(model, StudentMLP):
+            out.append(model(x_BF))
+        else:
+            n = x_BF.shape[0]
+            batch = {
+                "x_num": x_BF,
+                "x_cat": torch.zeros(n, 0, dtype=torch.long, device=x_BF.device),
+                "hist": torch.zeros(n, 0, 0, device=x_BF.device),
+                "hist_pad": torch.ones(n, 0, dtype=torch.bool, device=x_BF.device),
+            }
+            out.append(model(batch).float())
+    return torch.cat(out)
