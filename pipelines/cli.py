@@ -109,9 +109,8 @@ def _distill(spec: Any, args: argparse.Namespace) -> int:
     import mlflow
 
     from core.distill import DistillConfig
-    from core.pyfunc import log_predictor
     from pipelines import registry
-    from pipelines.lifecycle import log_evaluation, model_card
+    from pipelines.lifecycle import register_result
 
     hook = _distill_hook(spec)
     if hook is None:
@@ -134,28 +133,11 @@ def _distill(spec: Any, args: argparse.Namespace) -> int:
         tags={"keel.distilled_from": teacher_uri},
     ) as run:
         result = hook(cfg, teacher, run=run, distill_cfg=dcfg)
-        mlflow.set_tag("keel.data_fingerprint", result.data_fingerprint)
-        log_evaluation(result.evaluation)
-        info = log_predictor(
-            result.predictor,
-            spec.name,
-            input_example=result.input_example,
-            registered_model_name=name,
+        card_extra = {"distilled_from": teacher_uri, "distill_config": dcfg.to_dict()}
+        version = register_result(spec, result, name, card_extra)
+        mlflow.MlflowClient().set_model_version_tag(
+            name, version, "keel.distilled_from", teacher_uri
         )
-        version = str(info.registered_model_version)
-        card = model_card(
-            spec,
-            result.evaluation.metrics,
-            result.evaluation.protocol,
-            result.data_fingerprint,
-            result.predictor,
-            result.extra.get("known_limits", []),
-        )
-        card |= {"distilled_from": teacher_uri, "distill_config": dcfg.to_dict()}
-        mlflow.log_dict(card, "model_card.json")
-        client = mlflow.MlflowClient()
-        client.set_model_version_tag(name, version, "keel.distilled_from", teacher_uri)
-        client.set_registered_model_alias(name, registry.CHALLENGER, version)
         run_id = run.info.run_id
     print(f"{name} v{version} (challenger, distilled from {teacher_uri}); run {run_id}")
     print(f"protocol: {result.evaluation.protocol}")

@@ -80,6 +80,46 @@ def model_card(
     }
 
 
+def register_result(
+    spec: Any,
+    result: Any,
+    name: str,
+    card_extra: dict[str, Any] | None = None,
+    app: str | None = None,
+) -> str:
+    """Inside the active run: log the evaluation, the pyfunc model and its model card,
+    register it under ``name`` with the ``challenger`` alias; return the new version.
+
+    One place for what every registered version carries, whether trained, distilled or
+    grown, so the registry shows the same card and protocol for all of them. ``app``: how
+    the served model finds its spec again (a name under ``apps/`` or a dotted module;
+    default ``spec.name``).
+    """
+    mlflow.set_tag("keel.data_fingerprint", result.data_fingerprint)
+    log_evaluation(result.evaluation)
+    info = log_predictor(
+        result.predictor,
+        app or spec.name,
+        input_example=result.input_example,
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    card = model_card(
+        spec,
+        result.evaluation.metrics,
+        result.evaluation.protocol,
+        result.data_fingerprint,
+        result.predictor,
+        result.extra.get("known_limits", []),
+    ) | (card_extra or {})
+    mlflow.log_dict(card, "model_card.json")
+    client = mlflow.MlflowClient()
+    client.update_model_version(name, version, description=json.dumps(card, indent=1)[:4900])
+    client.set_model_version_tag(name, version, "keel.protocol", result.evaluation.protocol[:4000])
+    client.set_registered_model_alias(name, registry.CHALLENGER, version)
+    return version
+
+
 def train_register_promote(
     app: str,
     config: Any | None = None,
@@ -102,28 +142,7 @@ def train_register_promote(
         f"keel-{spec.name}", config=cfg_dict, run_name=run_name or f"{spec.name}-train"
     ) as run:
         result = spec.train(cfg, run=run)
-        mlflow.set_tag("keel.data_fingerprint", result.data_fingerprint)
-        log_evaluation(result.evaluation)
-        info = log_predictor(
-            result.predictor, app, input_example=result.input_example, registered_model_name=name
-        )
-        version = str(info.registered_model_version)
-        card = model_card(
-            spec,
-            result.evaluation.metrics,
-            result.evaluation.protocol,
-            result.data_fingerprint,
-            result.predictor,
-            result.extra.get("known_limits", []),
-        )
-        mlflow.log_dict(card, "model_card.json")
-        client = mlflow.MlflowClient()
-        client.update_model_version(name, version, description=json.dumps(card, indent=1)[:4900])
-        client.set_model_version_tag(
-            name, version, "keel.protocol", result.evaluation.protocol[:4000]
-        )
-        registry_alias = registry.CHALLENGER
-        client.set_registered_model_alias(name, registry_alias, version)
+        version = register_result(spec, result, name, app=app)
         run_id = run.info.run_id
 
     champion_version = registry.alias_version(name, registry.CHAMPION)
