@@ -24,36 +24,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from apps.medical.config import MedicalConfig
 from apps.medical.data import ensure_dataset, load_raw_scan, prepare, read_truth, split_series
 from apps.medical.errors import MedicalDataError
 from apps.medical.model import FPReductionModel, NoduleHeatmapModel
 from apps.medical.predictor import NoduleDetector
-from apps.medical.training import detector_samples, fp_samples
+from apps.medical.training import ArrayDataset, detector_samples, fp_samples
 from core.distill import DistillConfig, count_active_params, distill_fit
 from core.spec import TrainResult
-
-
-class _Arrays(Dataset):
-    """Dict of equally long arrays as dict items; ``flip``: random axis flips of ``image``."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], flip: bool = False) -> None:
-        self.arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        self.n = len(next(iter(arrays.values())))
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {k: v[i] for k, v in self.arrays.items()}
-        if self.flip:
-            dims = [d for d in (1, 2, 3) if torch.rand(()) < 0.5]
-            if dims:
-                item["image"] = item["image"].flip(dims)
-        return item
 
 
 def stage_distill_configs(
@@ -128,7 +108,7 @@ def distill_fit_predictor(
     torch.manual_seed(cfg.seed)
     det = NoduleHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.pos_weight, dc.offset_weight)
     loader = DataLoader(
-        _Arrays(samples),
+        ArrayDataset(samples),
         batch_size=dc.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -150,7 +130,7 @@ def distill_fit_predictor(
         if logger is not None:
             fp._log_hyperparams = False  # stage 1 already logged the run's hyperparameters
         loader = DataLoader(
-            _Arrays(fp_data, flip=True),
+            ArrayDataset(fp_data, flip=True),
             batch_size=fc.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed + 1),

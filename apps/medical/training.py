@@ -37,7 +37,7 @@ from apps.medical.preprocess import PreparedScan
 from core.engine import build_trainer
 
 
-class _ArrayDataset(Dataset):
+class ArrayDataset(Dataset):
     """Dict of equally long arrays; ``flip``: random axis flips of ``image`` (label-invariant)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], flip: bool = False, seed: int = 0) -> None:
@@ -147,7 +147,7 @@ def fit_detector(
     if cfg.pretrain.enabled:
         pretrain_detector(model, samples["image"], cfg)
     loader = DataLoader(
-        _ArrayDataset(samples),
+        ArrayDataset(samples),
         batch_size=dc.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -235,7 +235,7 @@ def fit_fp_reduction(
         # stage 2's are in the logged config YAML
         model._log_hyperparams = False
     loader = DataLoader(
-        _ArrayDataset(samples, flip=True),
+        ArrayDataset(samples, flip=True),
         batch_size=fc.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed + 1),
