@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from apps.medical.candidates import _refine, nms_world
 from apps.medical.geometry import index_to_world, split_affine
+from apps.medical.model import window_starts
 from apps.medical.preprocess import PreparedScan
 from core.adapters import PatchEmbed3d
 from core.backbone import BackboneOutput
@@ -382,15 +383,6 @@ def _importance_1d(n: int) -> np.ndarray:
     return np.maximum(np.exp(-0.5 * (x / (0.25 * n)) ** 2), 1e-3)
 
 
-def _starts(length: int, crop: int, stride: int) -> list[int]:
-    if length <= crop:
-        return [0]
-    starts = list(range(0, length - crop + 1, stride))
-    if starts[-1] + crop < length:
-        starts.append(length - crop)
-    return starts
-
-
 @torch.no_grad()
 def sliding_window_dense(
     model: DenseHeatmapModel,
@@ -424,9 +416,9 @@ def sliding_window_dense(
     occupied = (vol > 0).cpu().numpy()  # prepared images are 0 outside the lung field
     starts = [
         (a, b, c)
-        for a in _starts(shape[0], crop[0], int(stride_zyx[0]))
-        for b in _starts(shape[1], crop[1], int(stride_zyx[1]))
-        for c in _starts(shape[2], crop[2], int(stride_zyx[2]))
+        for a in window_starts(shape[0], crop[0], int(stride_zyx[0]))
+        for b in window_starts(shape[1], crop[1], int(stride_zyx[1]))
+        for c in window_starts(shape[2], crop[2], int(stride_zyx[2]))
         if occupied[a : a + crop[0], b : b + crop[1], c : c + crop[2]].any()
     ]
     autocast = (
