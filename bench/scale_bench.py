@@ -112,6 +112,19 @@ def _device_trainer(cfg: Any, device: str, epochs: int, precision: str | None) -
 # ============================================================================ maintenance
 
 
+def dense_student_model(teacher_model: Any, d_model: int, n_layers: int) -> Any:
+    """The teacher's backbone config shrunk to a small dense student (2 heads, FFN 2 x d)."""
+    return dataclasses.replace(
+        teacher_model,
+        d_model=d_model,
+        n_layers=n_layers,
+        ffn_hidden=2 * d_model,
+        moe=None,
+        n_dense_layers=n_layers,
+        attention=dataclasses.replace(teacher_model.attention, n_heads=2),
+    )
+
+
 def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from apps.maintenance.config import load_config
 
@@ -131,16 +144,7 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     teacher.seed = args.seed
     teacher.trainer.seed = args.seed
     student = copy.deepcopy(teacher)
-    d = 16 if args.tiny else 32
-    student.model = dataclasses.replace(
-        teacher.model,
-        d_model=d,
-        n_layers=2,
-        ffn_hidden=2 * d,
-        moe=None,
-        n_dense_layers=2,
-        attention=dataclasses.replace(teacher.model.attention, n_heads=2),
-    )
+    student.model = dense_student_model(teacher.model, 16 if args.tiny else 32, n_layers=2)
     _device_trainer(teacher, args.device, args.teacher_epochs, args.precision)
     _device_trainer(student, args.device, args.student_epochs, args.precision)
     return teacher, student
@@ -346,16 +350,7 @@ def fraud_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         teacher.model.d_model, teacher.model.ffn_hidden = 32, 64
         teacher.model.moe.expert_hidden = 32
     student = copy.deepcopy(teacher)
-    d = 16
-    student.model = dataclasses.replace(
-        teacher.model,
-        d_model=d,
-        n_layers=1,
-        ffn_hidden=2 * d,
-        moe=None,
-        n_dense_layers=1,
-        attention=dataclasses.replace(teacher.model.attention, n_heads=2),
-    )
+    student.model = dense_student_model(teacher.model, 16, n_layers=1)
     _device_trainer(teacher, args.device, args.fraud_teacher_epochs, args.precision)
     _device_trainer(student, args.device, args.fraud_student_epochs, args.precision)
     return teacher, student

@@ -595,7 +595,7 @@ def build_trainer(
     strategy = build_strategy(cfg, precision)
     if logger is False:
         logger = None
-    callbacks = build_callbacks(cfg, fp8_backend, has_logger=logger is not None)
+    callbacks = build_callbacks(cfg, fp8_backend, has_logger=bool(logger))
     callbacks.extend(extra_callbacks)
     optional = {
         k: v

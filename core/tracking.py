@@ -174,9 +174,14 @@ def start_run(
         yield run
 
 
-def lightning_logger(run: mlflow.ActiveRun) -> Any:
-    """A Lightning MLFlowLogger that writes per-epoch metrics into ``run``."""
+def lightning_logger(run: mlflow.ActiveRun | None) -> Any:
+    """A Lightning MLFlowLogger that writes per-epoch metrics into ``run``; ``None`` (no
+    logger, as ``core.engine.build_trainer`` reads it) when there is no run, so callers need
+    no branch."""
     from lightning.pytorch.loggers import MLFlowLogger
+
+    if run is None:
+        return None
 
     return MLFlowLogger(
         experiment_name=mlflow.get_experiment(run.info.experiment_id).name,

@@ -25,11 +25,11 @@ import numpy as np
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudDataError
-from apps.fraud.inputs import history_feature_names
 from apps.fraud.model import FraudModel, loader, predict_logits
 from apps.fraud.predictor import FraudPredictor
 from apps.fraud.training import (
     PreparedData,
+    build_model,
     choose_threshold,
     evaluate_inputs,
     load_data,
@@ -56,19 +56,7 @@ def training_rows(data: PreparedData, rate: float, seed: int) -> np.ndarray:
 
 def build_student(cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float) -> FraudModel:
     """The student of ``cfg`` over the teacher's inputs (same tokens, own backbone size)."""
-    ib = teacher.inputs
-    return FraudModel(
-        cfg.model,
-        cfg.optim,
-        n_numeric=len(ib.feature_columns.numeric),
-        cat_cardinalities=ib.cat_cardinalities,
-        n_hist_features=len(history_feature_names(ib.schema)) if ib.history_len else 0,
-        history_len=ib.history_len,
-        loss=cfg.head.loss,
-        pos_weight=pos_weight,
-        focal_gamma=cfg.head.focal_gamma,
-        head_dropout=cfg.head.dropout,
-    )
+    return build_model(cfg, teacher.inputs, pos_weight)
 
 
 @dataclasses.dataclass
@@ -156,12 +144,9 @@ def distill(
 ) -> TrainResult:
     """``AppSpec.distill``: distil, then the same test-block evaluation as ``spec.train``."""
     from apps.fraud.spec import KNOWN_LIMITS, id_columns_as_float
+    from core.tracking import lightning_logger
 
-    logger: Any = False
-    if run is not None:
-        from core.tracking import lightning_logger
-
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
     test = out.data.split.test
     example = id_columns_as_float(

@@ -32,11 +32,9 @@ KNOWN_LIMITS = [
 
 
 def train(cfg: FraudConfig, run: Any = None) -> TrainResult:
-    logger = False
-    if run is not None:
-        from core.tracking import lightning_logger
+    from core.tracking import lightning_logger
 
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     out = fit(cfg, logger=logger)
     if run is not None:
         import mlflow

@@ -200,7 +200,8 @@ def ranking_metrics(
     return {k: m[k] for k in keys}
 
 
-def _build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudModel:
+def build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudModel:
+    """The fraud model of ``cfg`` over the inputs ``ib`` builds (also a distilled student's)."""
     return FraudModel(
         cfg.model,
         cfg.optim,
@@ -281,7 +282,7 @@ def fit(
     trainer_cfg = replace(trainer_cfg, seed=cfg.seed)
     keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
     trainer = build_trainer(trainer_cfg, [keep_best] if keep_best else (), logger=logger)
-    model = _build_model(cfg, ib, pos_weight)
+    model = build_model(cfg, ib, pos_weight)
     trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
     model = model.float().cpu() if device not in (None, "cpu") else model
 

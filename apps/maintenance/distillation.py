@@ -161,11 +161,9 @@ def distill(
     distill_cfg: DistillConfig | dict | None = None,
 ) -> TrainResult:
     """``AppSpec.distill``: distil, then evaluate like ``spec.train`` (same held-out splits)."""
-    logger: Any = False
-    if run is not None:
-        from core.tracking import lightning_logger
+    from core.tracking import lightning_logger
 
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
     evaluation = evaluate_prepared(out.predictor, out.data, cfg)
     return TrainResult(

@@ -22,11 +22,9 @@ from core.spec import AppSpec, EvalResult, TrainResult
 
 
 def train(cfg: MaintenanceConfig, run: Any = None) -> TrainResult:
-    logger: Any = False
-    if run is not None:
-        from core.tracking import lightning_logger
+    from core.tracking import lightning_logger
 
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     out = fit(cfg, logger=logger)
     evaluation = evaluate_prepared(out.predictor, out.data, cfg)
     return TrainResult(

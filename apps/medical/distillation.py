@@ -153,13 +153,9 @@ def distill(
 ) -> TrainResult:
     """``AppSpec.distill``: distil both stages, then the LUNA16 evaluation of ``spec.train``."""
     from apps.medical.spec import evaluate
-    from core.tracking import fingerprint_paths
+    from core.tracking import fingerprint_paths, lightning_logger
 
-    logger = None
-    if run is not None:
-        from core.tracking import lightning_logger
-
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
     evaluation = evaluate(out.predictor, cfg)
     evaluation.protocol += f" Distilled student (both stages), distillation {distill_cfg or {}}."

@@ -78,15 +78,12 @@ def train(cfg: MedicalConfig, run: Any = None) -> TrainResult:
     root, truth, train_uids, held = _split(cfg)
     scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
     tr_truth = truth.subset(train_uids)
-    logger = None
-    if run is not None:
-        from core.tracking import lightning_logger
+    from core.tracking import lightning_logger
 
-        logger = lightning_logger(run)
+    logger = lightning_logger(run)
     detector = fit_detector(cfg, scans, tr_truth, logger=logger)
-    fp_logger = None
-    if run is not None:
-        fp_logger = lightning_logger(run)
+    fp_logger = lightning_logger(run)
+    if fp_logger is not None:
         fp_logger._prefix = "fp_reduction"  # stage-2 curves apart from stage 1's
     fp = (
         fit_fp_reduction(cfg, detector, scans, tr_truth, logger=fp_logger)

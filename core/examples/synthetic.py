@@ -201,7 +201,7 @@ def train(cfg: SyntheticConfig, run: Any = None) -> TrainResult:
 
     dm = SyntheticDataModule(cfg)
     model = SyntheticClassifier(cfg.backbone.to_dict(), cfg.optim.to_dict())
-    logger = lightning_logger(run) if run is not None else False
+    logger = lightning_logger(run)
     trainer = build_trainer(cfg.trainer, logger=logger)
     trainer.fit(model, datamodule=dm)
     predictor = SyntheticPredictor(model.cpu())
