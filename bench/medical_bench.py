@@ -134,6 +134,12 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
             f"{r:g}": float(s) for r, s in zip(result.fp_rates, result.sensitivity_at, strict=True)
         },
         "missed_diameters_mm": [round(float(d), 1) for d in missed["diameter_mm"]],
+        "nodules_diameter_mm_tp_probability": [
+            [round(float(d), 1), None if np.isnan(p) else round(float(p), 4)]
+            for d, p in zip(
+                result.nodules["diameter_mm"], result.nodules["probability"], strict=True
+            )
+        ],
         "nms_radius_mm_chosen_on_validation": cfg.detector.nms_radius_mm,
         "detector": cfg.detector.kind,
         "backbone": {
@@ -387,6 +393,9 @@ def _configure(args: argparse.Namespace) -> tuple[MedicalConfig, str]:
         dc.trainer.max_epochs = args.epochs
     if args.samples is not None:
         dc.samples_per_epoch = args.samples
+    if args.n_series is not None:
+        cfg.data.generate = {**(cfg.data.generate or {}), "n_series": int(args.n_series)}
+        label += f" ({args.n_series} series)"
     if args.minutes is not None:
         dc.train_minutes = args.minutes
         label += f" ({args.minutes:g} min training budget)"
@@ -403,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, help="stage-1 training wall-time budget")
     ap.add_argument("--epochs", type=int, help="stage-1 max epochs")
     ap.add_argument("--samples", type=int, help="stage-1 crops per epoch")
+    ap.add_argument("--n-series", type=int, help="synthetic series to generate (25%% held out)")
     ap.add_argument("--cpu-small", action="store_true", help="smaller backbone for CPU runs")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing")
     ap.add_argument("--timing", action="store_true", help="time whole-scan inference")
@@ -432,11 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.prepare, cfg)
         print(f"wrote {args.prepare}")
         return 0
-    if args.data is None:
-        ap.error("--data or --prepare is required")
+    needs_data = not args.skip_train or args.timing
+    if args.data is None and (needs_data or args.model_dir is None):
+        ap.error(
+            "--data or --prepare is required (only --skip-train --lidc --model-dir runs without)"
+        )
     from bench.common import record
 
-    if not (args.data / "seriesuids.csv").is_file():
+    if needs_data and not (args.data / "seriesuids.csv").is_file():
         t0 = time.time()
         prepare(args.data, cfg)
         print(f"[medical] prepared {args.data} in {time.time() - t0:.0f} s", flush=True)

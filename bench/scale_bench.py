@@ -1,31 +1,53 @@
 """Distillation and progressive growth, measured per app (issue #6).
 
-    python -m bench.scale_bench --device cuda                       # H200, ~8 min
-    python -m bench.scale_bench --device cpu --tiny --no-record      # smoke check
-    python -m bench.scale_bench --device cpu --apps maintenance --teacher-epochs 12 \
-        --student-epochs 12 --growth-epochs 12                        # CPU figures
+    python -m bench.scale_bench --device cuda --apps maintenance --skip-distill \
+        --data-dir <cmapss>                                  # growth, FD004, H200 ~4 min
+    python -m bench.scale_bench --device cuda --apps maintenance --skip-growth \
+        --data-dir <cmapss> --teacher-epochs 15 --student-epochs 15    # H200 ~3 min
+    python -m bench.scale_bench --device cuda --apps medical \
+        --medical-data keel_outputs/medical_bench_data64               # H200 ~5 min
+    python -m bench.scale_bench --device cpu --tiny --no-record --apps maintenance medical
 
 **Distillation** (per app): train a teacher (>= 4x the student's active parameters), distil
 a student from it (``apps/<app>/distillation.py``: same data, protocol and evaluation as
 the app's training), and train the same student from scratch with the same budget (same
 config, epochs, seed). Reported for all three: the app's primary metric on its held-out
 data under the official protocol (maintenance: RMSE capped at 125 on the C-MAPSS test
-units + median lead time on held-out run-to-failure units; fraud: test-block PR-AUC),
-active parameters, and scoring throughput (rows / s of the model's forward, batch 1024
-for maintenance windows and 2048 for fraud rows, after warm-up).
-``<app>_student_retention`` = student metric / teacher metric oriented so higher is better
-(maintenance: teacher_rmse / student_rmse; fraud: student PR-AUC / teacher PR-AUC).
+units + median lead time on held-out run-to-failure units; fraud: test-block PR-AUC;
+medical: LUNA16 CPM on the held-out synthetic series), active parameters, and scoring
+throughput: rows / s of one fp32 forward (the apps' predictors do not autocast) under
+``torch.inference_mode`` on inputs already on the device, median after warm-up, at each
+``--score-batches`` size (default 65,536 and 1,024 rows: maintenance windows, fraud
+rows; medical: stage-1 crops, capped at 1,024). Batch scoring runs large batches, and at
+1,024 rows the H200 is launch-bound, so the 3x target is checked at the largest batch
+(``details.throughput``). ``<app>_student_retention`` = student metric / teacher metric
+oriented so higher is better (maintenance: teacher_rmse / student_rmse; fraud and
+medical: student / teacher).
 
-**Growth** (maintenance, FD001): the large model (dense, 4 blocks, FFN 256) trained from
-scratch reaches validation loss ``L`` (its best per-epoch ``val/loss`` on the
-policy-validation units); FLOPs_scratch = training FLOPs until that epoch. The small model
-(2 blocks, FFN 128, same width) trains until ``--grow-at`` of the scratch run's steps, is
-grown by ``TrainerConfig.growth`` (``grow_depth`` inserts 2 identity blocks, ``grow_width``
-widens the FFN: the large architecture, function-preserving) and continues until its
-validation loss is <= L; FLOPs_grow = training FLOPs until that epoch.
-``growth_flops_saving = 1 - FLOPs_grow / FLOPs_scratch``. FLOPs per step = samples x tokens
-per sample x ``Backbone.flops_per_token(tokens)`` (6 x active matmul params + attention),
-backbone only (patch embedding and heads are equal in both runs and tiny).
+Medical uses the token detector with FP reduction (what ``apps/medical/distillation.py``
+distils; the dense detector is not distillable), the ``synthetic_bench`` sizes for the
+teacher and dense d=32 2-block students, on the npz phantoms of ``bench/medical_bench.py``
+(``--medical-data``, default ``keel_outputs/medical_bench_data64``; made when absent,
+which needs pydicom), so it runs without pydicom on a machine that has the folder.
+
+**Growth** (maintenance, ``--growth-subset``, default FD004): a large dense model
+(``--growth-large``, default d64 L4 FFN256) trained from scratch for ``--growth-epochs``
+reaches validation loss ``L`` (its best per-epoch ``val/loss`` on the policy-validation
+units); FLOPs_scratch = training FLOPs until that epoch. A small dense model
+(``--growth-small``, default d16 L1 FFN32, ~1/90 of the FLOPs per sample) trains until
+``--grow-at`` of the scratch run's steps, is grown by ``TrainerConfig.growth`` into the
+large architecture (``grow_depth``: identity blocks; ``grow_width``: d_model with heads of
+``--growth-head-dim`` kept, and the FFN; the RUL model's adapter and heads follow through
+the ``grow_d_model`` hook of :func:`growable_rul_model`; function-preserving) and continues
+for ``--grow-budget`` x the scratch epochs; FLOPs_grow = training FLOPs until its first
+epoch with validation loss <= L. Control: the small model alone, never grown, same budget
+and schedule (identical to the grown run up to the growth step). ``growth_flops_saving =
+1 - FLOPs_grow / FLOPs_scratch`` is recorded only when the control never reaches L (so the
+saving is due to growth); otherwise, or when the grown run never reaches L, the value is
+null with ``details.valid = false`` and ``invalid_reason`` (the would-be figure is in
+``details.saving_computed``). FLOPs per step = samples x tokens per sample x
+``Backbone.flops_per_token(tokens)`` (6 x active matmul params + attention), backbone only
+(patch embedding and heads are tiny).
 
 **ddp2** (``python -m bench.train_bench ddp2``, implemented here in :func:`cmd_ddp2`): 1 GPU
 vs 2 GPUs with DDP and FSDP2 on the same global batch: throughput, per-GPU bytes of params +
@@ -33,7 +55,7 @@ grads + AdamW state, loss curves (``core.json`` key ``ddp2_scaling_efficiency``)
 runs it on CPU with gloo.
 
 No MLflow import anywhere on this path; fraud needs polars (skipped with a message when
-absent). Medical distillation is not implemented (no ``apps/medical/distillation.py``).
+absent); medical needs neither pydicom nor MONAI once its npz folder exists.
 """
 
 from __future__ import annotations
@@ -41,6 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -92,10 +115,48 @@ class CurveLogger(Logger):
                 self.curves[k].append((int(step or 0) + 1, float(metrics[k])))
 
 
-def throughput(fn: Any, n_rows: int, device: str) -> float:
-    """Rows per second of ``fn()`` (scores ``n_rows`` rows), median of timed repetitions."""
+def score_throughput(model: Any, arrays: dict[str, Any], batch: int, device: str) -> float:
+    """Rows per second of one ``model(batch)`` forward over ``batch`` rows (the rows of
+    ``arrays`` repeated cyclically up to ``batch``), already on ``device``, in eval mode under
+    ``torch.inference_mode``, median of timed repetitions after warm-up. fp32 like the apps'
+    predictors (none of them autocasts). Batch scoring jobs score large batches: at 1024
+    rows an H200 is launch-bound and a 5x smaller model is barely faster, so both sizes
+    are reported and the large one decides the 3x target."""
+    import numpy as np
+
+    n = len(next(iter(arrays.values())))
+    idx = np.arange(batch) % n
+    x = {k: torch.as_tensor(np.ascontiguousarray(v[idx]), device=device) for k, v in arrays.items()}
+    model = model.to(device).eval()
+
+    def fn() -> None:
+        with torch.inference_mode():
+            model(dict(x))
+
     t = time_fn(fn, warmup=2, reps=5 if device == "cpu" else 20)
-    return n_rows / (t["median_ms"] / 1e3)
+    model.cpu()
+    return batch / (t["median_ms"] / 1e3)
+
+
+def score_batches(args: argparse.Namespace) -> list[int]:
+    """The scoring batch sizes measured, largest first (the first decides the 3x target)."""
+    if args.tiny:
+        return [256, 64]
+    return sorted({int(b) for b in args.score_batches}, reverse=True)
+
+
+def throughput_summary(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Student / teacher scoring speed-up per batch size; the target check at the largest."""
+    teacher = rows[0][key]
+    out: dict[str, Any] = {
+        f"{r['model']}_speedup_vs_teacher": {b: r[key][b] / teacher[b] for b in teacher}
+        for r in rows[1:]
+    }
+    big = max(teacher, key=int)
+    out["target_batch"] = big
+    out["student_speedup_at_target_batch"] = rows[1][key][big] / teacher[big]
+    out["throughput_target_3x_met"] = out["student_speedup_at_target_batch"] >= 3.0
+    return out
 
 
 def _device_trainer(cfg: Any, device: str, epochs: int, precision: str | None) -> None:
@@ -150,15 +211,15 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return teacher, student
 
 
-def _maint_row(name: str, predictor: Any, data: Any, cfg: Any, device: str) -> dict[str, Any]:
+def _maint_row(
+    name: str, predictor: Any, data: Any, cfg: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     from apps.maintenance.training import evaluate_prepared, split_windows
 
     ev = evaluate_prepared(predictor, data, cfg, figures=False)
     m = ev.metrics
-    model = predictor.model.to(device)
     w = split_windows(predictor, data.test, cfg.window)
-    rows_s = throughput(lambda: model.predict_windows(w.x, w.mask), len(w.x), device)
-    model.cpu()
+    arrays = {"x": w.x, "mask": w.mask}
     row = {
         "model": name,
         "rmse_capped": m["rmse_capped"],
@@ -166,7 +227,10 @@ def _maint_row(name: str, predictor: Any, data: Any, cfg: Any, device: str) -> d
         "lead_time_median": m.get("lead_time_median"),
         "lead_detection_rate": m.get("lead_detection_rate"),
         "active_params": count_active_params(predictor.model),
-        "windows_per_s": rows_s,
+        "windows_per_s": {
+            b: score_throughput(predictor.model, arrays, b, args.device)
+            for b in score_batches(args)
+        },
     }
     print(json.dumps(row), flush=True)
     return row | {"protocol": ev.protocol}
@@ -192,9 +256,9 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
     scratch = fit(scfg, data=data, device=args.device).predictor
     t_scratch = time.perf_counter() - t0
     rows = [
-        _maint_row("teacher", teacher, data, tcfg, args.device),
-        _maint_row("student_distilled", distilled, data, scfg, args.device),
-        _maint_row("student_scratch", scratch, data, scfg, args.device),
+        _maint_row("teacher", teacher, data, tcfg, args),
+        _maint_row("student_distilled", distilled, data, scfg, args),
+        _maint_row("student_scratch", scratch, data, scfg, args),
     ]
     protocol = rows[0].pop("protocol")
     for r in rows[1:]:
@@ -205,6 +269,7 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "teacher_over_student_active_params": ratio,
         "scratch_retention": rows[0]["rmse_capped"] / rows[2]["rmse_capped"],
+        "throughput": throughput_summary(rows, "windows_per_s"),
         "alpha": args.alpha,
         "epochs": {"teacher": args.teacher_epochs, "student": args.student_epochs},
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
@@ -234,101 +299,306 @@ def _first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
-def run_maintenance_growth(args: argparse.Namespace) -> dict[str, Any]:
-    from apps.maintenance.data import prepare_data
-    from apps.maintenance.training import fit, split_windows
-    from core.backbone import Backbone
+def _pad_linear(
+    old: torch.nn.Linear, in_f: int, in_map: list[tuple[int, int, int]], out_f: int
+) -> torch.nn.Linear:
+    """A wider copy of ``old`` (``in_f`` inputs, ``out_f`` outputs): input columns
+    ``old[:, a:a+n]`` go to ``new[:, b:b+n]`` for each ``(a, b, n)`` in ``in_map``, the
+    other input columns of the old outputs are 0 (they read channels that are 0 at growth
+    time), the first ``old.out_features`` outputs are the old ones and the new outputs keep
+    their random init (the caller zeroes whatever reads them)."""
+    new = torch.nn.Linear(in_f, out_f, bias=old.bias is not None)
+    new = new.to(old.weight.device, old.weight.dtype)
+    o = old.out_features
+    with torch.no_grad():
+        new.weight[:o].zero_()
+        for a, b, n in in_map:
+            new.weight[:o, b : b + n] = old.weight[:, a : a + n]
+        if old.bias is not None:
+            new.bias[:o] = old.bias
+    return new
 
-    base, _ = maintenance_configs(args)
-    d = base.model.d_model
-    large = copy.deepcopy(base)
-    large.model = dataclasses.replace(
-        base.model, n_layers=4, ffn_hidden=4 * d, moe=None, n_dense_layers=4
+
+@functools.cache
+def growable_rul_model() -> type:
+    """:class:`apps.maintenance.model.RULModel` plus the ``grow_d_model`` hook that
+    :func:`core.growth.apply_growth` needs to widen ``d_model`` (the app's model has none;
+    defined here so the growth experiment can start from a narrower model)."""
+    from apps.maintenance.model import RULModel
+
+    class GrowableRULModel(RULModel):
+        """New token channels start at 0 (zero projection rows, position and CLS entries);
+        the heads read ``[CLS, last]`` at the new offsets with zero weights on the new
+        channels; the RUL head's new hidden units have zero output weights. Exact."""
+
+        @torch.no_grad()
+        def grow_d_model(self, old_d: int, new_d: int) -> None:
+            pad = new_d - old_d
+            pe = self.patch_embed
+            pe.proj = _pad_linear(
+                pe.proj, pe.proj.in_features, [(0, 0, pe.proj.in_features)], new_d
+            )
+            pe.proj.weight[old_d:].zero_()
+            pe.proj.bias[old_d:].zero_()
+            pe.pos_PD = torch.nn.Parameter(torch.nn.functional.pad(pe.pos_PD, (0, pad)))
+            if pe.cls is not None:
+                pe.cls = torch.nn.Parameter(torch.nn.functional.pad(pe.cls, (0, pad)))
+            pe.d_model = new_d
+            cat = [(0, 0, old_d), (old_d, new_d, old_d)]  # [CLS, last] at the new offsets
+            h1, act, h2 = self.rul_head
+            h1 = _pad_linear(h1, 2 * new_d, cat, new_d)
+            h2 = _pad_linear(h2, new_d, [(0, 0, old_d)], 1)
+            self.rul_head = torch.nn.Sequential(h1, act, h2)
+            self.alarm_head = _pad_linear(self.alarm_head, 2 * new_d, cat, 1)
+
+    return GrowableRULModel
+
+
+def rul_model(cfg: Any, n_channels: int) -> Any:
+    """The growable RUL model of ``cfg`` (same constructor arguments as ``training.fit``)."""
+    return growable_rul_model()(
+        cfg.model,
+        cfg.optim,
+        n_channels=n_channels,
+        window=cfg.window,
+        patch_len=cfg.patch_len,
+        rul_cap=cfg.rul_cap,
+        alarm_horizon=cfg.alarm.eval_horizon,
+        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
+        loss_kind=cfg.loss,
     )
-    small = copy.deepcopy(large)
-    small.model = dataclasses.replace(large.model, n_layers=2, ffn_hidden=2 * d, n_dense_layers=2)
-    for c in (large, small):
+
+
+def train_curve(cfg: Any, data: Any) -> tuple[list[tuple[int, float]], Any]:
+    """Train ``cfg``'s model like ``training.fit`` (same seed, windows, loaders, trainer incl.
+    ``cfg.trainer.growth``) and return ``(val/loss per epoch as (step, value), model)``.
+    No best-epoch restore, no early stop, no alarm policy: only the loss curve matters."""
+    from apps.maintenance.training import batch_loader, split_windows
+    from core.engine import build_trainer, seed_everything
+
+    seed_everything(cfg.seed)
+    state = _norm_state(data)
+    w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
+    w_val = split_windows(state, data.policy, cfg.window)
+    model = rul_model(cfg, w_train.x.shape[2])
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_dl = batch_loader(w_train, cfg.batch_size, True, cfg.steps_per_epoch, g)
+    val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
+    log = CurveLogger()
+    trainer = build_trainer(cfg.trainer, logger=log)
+    trainer.fit(model, train_dl, val_dl)
+    return log.curves["val/loss"], model.cpu().eval()
+
+
+def parse_size(spec: str) -> dict[str, int]:
+    """``"d16,L1,F32"`` -> ``{"d_model": 16, "n_layers": 1, "ffn_hidden": 32}``."""
+    keys = {"d": "d_model", "L": "n_layers", "F": "ffn_hidden"}
+    out = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part or part[0] not in keys or not part[1:].isdigit():
+            raise ValueError(f"model size {spec!r}: expected e.g. 'd16,L1,F32'")
+        out[keys[part[0]]] = int(part[1:])
+    if set(out) != set(keys.values()):
+        raise ValueError(f"model size {spec!r} must give d, L and F")
+    return out
+
+
+def growth_schedule(small: dict[str, int], large: dict[str, int], at: int) -> GrowthSchedule:
+    """Steps that turn the ``small`` dense backbone into the ``large`` one at step ``at``:
+    ``grow_depth`` spreads the new identity blocks evenly between the old ones, then
+    ``grow_width`` widens ``d_model`` (heads keep their width) and the FFN hidden."""
+    L0, L1 = small["n_layers"], large["n_layers"]
+    if L1 < L0 or large["d_model"] < small["d_model"] or large["ffn_hidden"] < small["ffn_hidden"]:
+        raise ValueError(f"the large model {large} must not be smaller than {small}")
+    steps = []
+    if L1 > L0:  # new block j after old block (j mod L0): spread between the old ones
+        at_idx = sorted((j % L0) + 1 for j in range(L1 - L0))
+        steps.append(GrowthStep(at, "grow_depth", {"new_layers_at": at_idx}))
+    kw = {}
+    if large["d_model"] > small["d_model"]:
+        kw["new_d_model"] = large["d_model"]
+    if large["ffn_hidden"] > small["ffn_hidden"]:
+        kw["new_ffn_hidden"] = large["ffn_hidden"]
+    if kw:
+        steps.append(GrowthStep(at, "grow_width", kw))
+    return GrowthSchedule(steps)
+
+
+def growth_configs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, int], dict[str, int]]:
+    """(large config, small config, large size, small size): dense backbones, whole budget,
+    no early stop and no best-epoch restore (a grown run must keep its final weights)."""
+    from apps.maintenance.config import load_config
+
+    base = load_config(args.growth_subset.lower())
+    if args.tiny:
+        base.data.data_dir = str(ROOT / "data_samples/maintenance/cmapss")
+        base.data.subset = "SYN"
+        base.data.condition_onehot = False
+        base.train_stride = 8
+        base.steps_per_epoch = 4
+    elif args.data_dir:
+        base.data.data_dir = args.data_dir
+    if args.train_stride:
+        base.train_stride = args.train_stride
+    base.seed = base.trainer.seed = args.seed
+    small_s, large_s = parse_size(args.growth_small), parse_size(args.growth_large)
+    if args.tiny:
+        small_s, large_s = (
+            {"d_model": 8, "n_layers": 1, "ffn_hidden": 16},
+            {
+                "d_model": 16,
+                "n_layers": 2,
+                "ffn_hidden": 32,
+            },
+        )
+    head_dim = 4 if args.tiny else args.growth_head_dim
+
+    def make(size: dict[str, int]) -> Any:
+        c = copy.deepcopy(base)
+        if size["d_model"] % head_dim:
+            raise ValueError(f"d_model {size['d_model']} is not a multiple of head_dim {head_dim}")
+        c.model = dataclasses.replace(
+            base.model,
+            **size,
+            moe=None,
+            n_dense_layers=size["n_layers"],
+            attention=dataclasses.replace(
+                base.model.attention, n_heads=size["d_model"] // head_dim
+            ),
+        )
         _device_trainer(c, args.device, args.growth_epochs, args.precision)
         c.trainer.check_val_every_n_epoch = 1
-        # Both runs train their whole budget and keep their final weights: an early stop
-        # would end the small run before it grows, and restoring the best (pre-growth,
-        # smaller) weights into the grown model cannot work.
         c.early_stopping_patience = None
         c.restore_best = False
+        return c
+
+    return make(large_s), make(small_s), large_s, small_s
+
+
+def growth_verdict(
+    flops_scratch: float,
+    flops_grow: float | None,
+    control_step_at_L: int | None,
+    control_min: float,
+    L: float,
+) -> tuple[float | None, bool, str | None]:
+    """``(1 - FLOPs_grow / FLOPs_scratch or None, valid, reason)``: valid only when the grown
+    run reached L and the small model alone (the control) never did; otherwise any saving
+    would come from the small model being good enough, not from growing it."""
+    saving = None if flops_grow is None else 1.0 - flops_grow / flops_scratch
+    if control_step_at_L is not None:
+        return (
+            saving,
+            False,
+            f"the small model alone reached L at step {control_step_at_L} (min"
+            f" {control_min:.4g} <= L {L:.4g}): the saving would not come from growth",
+        )
+    if flops_grow is None:
+        return None, False, "the grown run never reached L within its budget"
+    return saving, True, None
+
+
+def run_maintenance_growth(args: argparse.Namespace) -> dict[str, Any]:
+    from apps.maintenance.data import prepare_data
+    from apps.maintenance.training import split_windows
+    from core.backbone import Backbone
+
+    large, small, large_s, small_s = growth_configs(args)
     data = prepare_data(large)
     n_train = len(
         split_windows(_norm_state(data), data.train, large.window, stride=large.train_stride).x
     )
     B = large.batch_size
-    fixed = getattr(large, "steps_per_epoch", None)
+    fixed = large.steps_per_epoch
     spe = fixed or math.ceil(n_train / B)
     total_steps = spe * args.growth_epochs
     grow_at = int(round(args.grow_at * total_steps))
     T = math.ceil(large.window / large.patch_len) + 1  # patches + CLS
     fpt_large = Backbone(large.model).flops_per_token(T) * T
     fpt_small = Backbone(small.model).flops_per_token(T) * T
+    budget_epochs = int(math.ceil(args.growth_epochs * args.grow_budget))
+    dataset = "SYN sample (tiny)" if args.tiny else f"C-MAPSS {args.growth_subset.upper()}"
 
-    say(f"growth: large from scratch ({total_steps} steps, grow at {grow_at})")
-    scratch_log = CurveLogger()
+    say(f"growth ({dataset}): large {large_s} from scratch ({total_steps} steps)")
     t0 = time.perf_counter()
-    fit(large, data=data, logger=scratch_log, device=args.device)
+    curve_s, _ = train_curve(large, data)
     t_scratch = time.perf_counter() - t0
-    curve_s = scratch_log.curves["val/loss"]
     step_L, L = min(curve_s, key=lambda sv: sv[1])
     flops_scratch = fpt_large * _samples_at(step_L, n_train, B, fixed)
 
-    grown = copy.deepcopy(small)
-    grown.trainer.max_epochs = int(math.ceil(args.growth_epochs * args.grow_budget))
-    # new blocks after each old block: 0, 1 -> 0, new, 1, new
-    grown.trainer.growth = GrowthSchedule(
-        [
-            GrowthStep(grow_at, "grow_depth", {"new_layers_at": [1, 2]}),
-            GrowthStep(grow_at, "grow_width", {"new_ffn_hidden": large.model.ffn_hidden}),
-        ]
-    )
-    say("growth: small -> grow -> continue")
-    grow_log = CurveLogger()
+    # control: the small model alone, never grown, same budget and schedule as the grown run
+    control = copy.deepcopy(small)
+    control.trainer.max_epochs = budget_epochs
+    say(f"growth: small {small_s} alone (control), {budget_epochs} epochs")
     t0 = time.perf_counter()
-    out = fit(grown, data=data, logger=grow_log, device=args.device)
+    curve_c, _ = train_curve(control, data)
+    t_control = time.perf_counter() - t0
+    step_c = _first_reach(curve_c, L)
+
+    grown = copy.deepcopy(control)
+    grown.trainer.growth = growth_schedule(small_s, large_s, grow_at)
+    say(f"growth: small -> grow at step {grow_at} -> continue, {budget_epochs} epochs")
+    t0 = time.perf_counter()
+    curve_g, grown_model = train_curve(grown, data)
     t_grow = time.perf_counter() - t0
-    final_cfg = out.predictor.model.backbone.cfg
-    same_arch = (final_cfg.n_layers, final_cfg.ffn_hidden) == (4, large.model.ffn_hidden)
-    curve_g = grow_log.curves["val/loss"]
+    fc = grown_model.backbone.cfg
+    same_arch = (fc.d_model, fc.n_layers, fc.ffn_hidden) == (
+        large_s["d_model"],
+        large_s["n_layers"],
+        large_s["ffn_hidden"],
+    )
     step_g = _first_reach(curve_g, L)
 
     def flops_grow(step: int) -> float:
         s_small = _samples_at(min(step, grow_at), n_train, B, fixed)
         return fpt_small * s_small + fpt_large * (_samples_at(step, n_train, B, fixed) - s_small)
 
-    details = {
+    small_min = min(v for _, v in curve_c)
+    details: dict[str, Any] = {
         "target_val_loss_L": L,
         "scratch_step_at_L": step_L,
-        "grow_step_at_L": step_g,
         "flops_scratch": flops_scratch,
+        "grow_step_at_L": step_g,
         "flops_grow": flops_grow(step_g) if step_g is not None else None,
         "grow_best_val_loss": min(v for _, v in curve_g),
+        "small_only_min_val_loss": small_min,
+        "small_only_reached_L": step_c is not None,
+        "small_only_step_at_L": step_c,
+        "small_only_flops_at_L": (
+            fpt_small * _samples_at(step_c, n_train, B, fixed) if step_c is not None else None
+        ),
+        "small_over_large_val_loss": small_min / L,
         "grow_at_step": grow_at,
         "steps_per_epoch": spe,
-        "epochs": {"scratch": args.growth_epochs, "grow_budget": grown.trainer.max_epochs},
-        "large": {"n_layers": 4, "ffn_hidden": large.model.ffn_hidden, "d_model": d},
-        "small": {"n_layers": 2, "ffn_hidden": small.model.ffn_hidden, "d_model": d},
+        "epochs": {"scratch": args.growth_epochs, "grow_and_control": budget_epochs},
+        "large": large_s,
+        "small": small_s,
+        "schedule": grown.trainer.growth.to_dict()["steps"],
         "grown_final_is_large_architecture": same_arch,
         "flops_per_sample": {"large": fpt_large, "small": fpt_small},
         "curve_scratch": curve_s,
+        "curve_small_only": curve_c,
         "curve_grow": curve_g,
-        "train_seconds": {"scratch": t_scratch, "grow": t_grow},
-        "data": "SYN sample (tiny)" if args.tiny else "C-MAPSS FD001",
-        "val_loss": "RULModel val/loss (Huber on RUL/125 + 0.2 x alarm BCE) on policy units",
+        "train_seconds": {"scratch": t_scratch, "small_only": t_control, "grow": t_grow},
+        "data": dataset,
+        "val_loss": f"RULModel val/loss ({large.loss} on RUL/cap + {large.alarm.alarm_loss_weight}"
+        " x alarm BCE) on the policy-validation units, per epoch",
+        "definition": "1 - FLOPs_grow / FLOPs_scratch, backbone training FLOPs until the first"
+        " epoch whose val/loss <= L (the large scratch run's best); valid only when the"
+        " small model alone, same budget, never reaches L",
         "machine": machine(),
         "seed": args.seed,
     }
-    if step_g is None:
-        details["note"] = "grown run never reached L within its budget: saving reported as 0"
-        saving = 0.0
-    else:
-        saving = 1.0 - details["flops_grow"] / flops_scratch
+    saving, valid, reason = growth_verdict(
+        flops_scratch, details["flops_grow"], step_c, small_min, L
+    )
+    details["valid"] = valid
+    if reason:
+        details["invalid_reason"] = reason
+    details["saving_computed"] = saving
     print(json.dumps({k: v for k, v in details.items() if not k.startswith("curve")}), flush=True)
-    return {"growth_flops_saving": (saving, details)}
+    return {"growth_flops_saving": (saving if valid else None, details)}
 
 
 def _norm_state(data: Any) -> dict[str, Any]:
@@ -356,18 +626,18 @@ def fraud_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return teacher, student
 
 
-def _fraud_row(name: str, predictor: Any, ev: Any, inputs: Any, device: str) -> dict[str, Any]:
-    from apps.fraud.model import predict_logits
-
-    model = predictor.model.to(device)
-    rows_s = throughput(lambda: predict_logits(model, inputs), len(inputs["x_num"]), device)
-    model.cpu()
+def _fraud_row(
+    name: str, predictor: Any, ev: Any, inputs: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     row = {
         "model": name,
         "pr_auc": ev.metrics["pr_auc"],
         "roc_auc": ev.metrics.get("roc_auc"),
         "active_params": count_active_params(predictor.model),
-        "rows_per_s": rows_s,
+        "rows_per_s": {
+            b: score_throughput(predictor.model, inputs, b, args.device)
+            for b in score_batches(args)
+        },
     }
     print(json.dumps(row), flush=True)
     return row
@@ -398,14 +668,14 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     test_inputs = tout.inputs.take(data.split.test)
     s_ev = evaluate_inputs(scfg, data, sout.predictor, sout.inputs, figures=False)
     rows = [
-        _fraud_row("teacher", tout.predictor, tout.evaluation, test_inputs, args.device),
-        _fraud_row("student_distilled", dout.predictor, dout.evaluation, test_inputs, args.device),
+        _fraud_row("teacher", tout.predictor, tout.evaluation, test_inputs, args),
+        _fraud_row("student_distilled", dout.predictor, dout.evaluation, test_inputs, args),
         _fraud_row(
             "student_scratch",
             sout.predictor,
             s_ev,
             sout.inputs.take(data.split.test),
-            args.device,
+            args,
         ),
     ]
     ratio = rows[0]["active_params"] / rows[1]["active_params"]
@@ -413,6 +683,7 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "teacher_over_student_active_params": ratio,
         "scratch_retention": rows[2]["pr_auc"] / rows[0]["pr_auc"],
+        "throughput": throughput_summary(rows, "rows_per_s"),
         "alpha": args.alpha,
         "config": args.fraud_config,
         "epochs": {"teacher": args.fraud_teacher_epochs, "student": args.fraud_student_epochs},
@@ -424,6 +695,184 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     return {"fraud_student_retention": (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+
+
+# ============================================================================ medical
+
+
+def _medical_student_backbone(b: Any, d_model: int, n_layers: int) -> Any:
+    """A small dense copy of a stage's backbone (same attention top-k, 2 heads)."""
+    return dataclasses.replace(
+        b,
+        d_model=d_model,
+        n_layers=n_layers,
+        ffn_hidden=2 * d_model,
+        moe=None,
+        n_dense_layers=n_layers,
+        attention=dataclasses.replace(b.attention, n_heads=2),
+    )
+
+
+def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
+    """(teacher, student) configs: ``synthetic_bench`` with the token detector (the one
+    ``apps/medical/distillation.py`` distils) and FP reduction on; the student has small
+    dense backbones in both stages. ``--tiny``: 8 mm voxels, 16^3 crops, tiny backbones."""
+    from apps.medical.config import MedicalConfig
+
+    t = MedicalConfig.named("synthetic_bench")
+    t.data.generate, t.data.root = None, str(root)
+    t.detector.kind = "token"
+    t.fp_reduction.enabled = True
+    t.seed = args.seed
+    if args.tiny:
+        t.spacing_zyx = (8.0, 8.0, 8.0)
+        t.detector.crop_zyx, t.detector.stride_zyx = (16, 16, 16), (16, 16, 16)
+        t.detector.crops_per_nodule, t.detector.neg_crops_per_scan = 2, 2
+        t.detector.batch_size, t.detector.threshold = 4, 0.0
+        t.detector.max_candidates = 10
+        t.fp_reduction.crop_zyx = (4, 4, 4)
+        t.fp_reduction.crops_per_nodule, t.fp_reduction.random_neg_per_scan = 1, 2
+        t.fp_reduction.max_hard_neg_per_scan, t.fp_reduction.batch_size = 3, 8
+        for stage in (t.detector, t.fp_reduction):
+            b = stage.backbone
+            b.d_model, b.n_layers, b.ffn_hidden = 32, 2, 64
+            b.attention.n_heads = 4
+            b.moe.n_routed_experts, b.moe.expert_hidden = 4, 32
+    elif args.device == "cuda":
+        t.detector.trainer.precision = t.fp_reduction.trainer.precision = "bf16-mixed"
+    for stage in (t.detector, t.fp_reduction):
+        stage.trainer.max_epochs = args.medical_epochs
+        stage.trainer.accelerator = "gpu" if args.device == "cuda" else "cpu"
+        stage.trainer.devices = 1
+        stage.trainer.log_every_n_steps = 1 if args.tiny else 10
+    s = copy.deepcopy(t)
+    d, n = (8, 1) if args.tiny else (args.medical_student_d, 2)
+    for stage in (s.detector, s.fp_reduction):
+        stage.backbone = _medical_student_backbone(stage.backbone, d, n)
+    return t, s
+
+
+def medical_data(args: argparse.Namespace) -> Path:
+    """The npz dataset folder (``bench.medical_bench --prepare`` layout), made when absent
+    (making it needs pydicom; the GPU machine gets a prepared folder)."""
+    from apps.medical.config import MedicalConfig
+    from bench.medical_bench import prepare
+
+    cfg = MedicalConfig.named("synthetic_bench")
+    if args.tiny:
+        out = Path(args.medical_data or ROOT / "keel_outputs/scale_bench_medical_tiny")
+        cfg.data.generate = {"n_series": 4, "size": "tiny", "seed": 5}
+    else:
+        out = Path(args.medical_data or ROOT / "keel_outputs/medical_bench_data64")
+    if not (out / "seriesuids.csv").is_file():
+        say(f"medical: preparing {out}")
+        prepare(out, cfg, workers=1 if args.tiny else None)
+    return out
+
+
+def _medical_row(
+    name: str, predictor: Any, held: list[Any], truth: Any, crops: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    from apps.medical.evaluation import evaluate_scans, froc_metrics
+
+    dev = "cuda" if args.device == "cuda" else "cpu"
+    predictor.detector.to(dev)
+    if predictor.fp_model is not None:
+        predictor.fp_model.to(dev)
+    result, _ = evaluate_scans(predictor.detect_volume, held, truth)
+    m = froc_metrics(result)
+    params = count_active_params(predictor.detector) + (
+        count_active_params(predictor.fp_model) if predictor.fp_model is not None else 0
+    )
+    batches = [min(b, 64 if args.tiny else 1024) for b in score_batches(args)]
+    row = {
+        "model": name,
+        "cpm": float(m["cpm"]),
+        "sensitivity_at_4fp": float(m["sensitivity_at_4fp"]),
+        "active_params": params,
+        "stage1_crops_per_s": {
+            b: score_throughput(predictor.detector, {"image": crops}, b, dev)
+            for b in sorted(set(batches), reverse=True)
+        },
+    }
+    predictor.detector.cpu()
+    if predictor.fp_model is not None:
+        predictor.fp_model.cpu()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher, distilled student, scratch student (same budget) of the two-stage token
+    detector on the npz phantoms; LUNA16 CPM on the held-out series (split by series UID)."""
+    import numpy as np
+
+    from apps.medical.data import load_raw_scan, read_truth, split_series
+    from apps.medical.data import prepare as prep
+    from apps.medical.distillation import distill_fit_predictor
+    from apps.medical.predictor import NoduleDetector
+    from apps.medical.training import detector_samples, fit_detector, fit_fp_reduction
+
+    root = medical_data(args)
+    tcfg, scfg = medical_configs(args, root)
+    truth = read_truth(root)
+    train, held = split_series(truth.seriesuids, tcfg.data.heldout_fraction, tcfg.data.split_seed)
+    tr_truth, held_truth = truth.subset(train), truth.subset(held)
+    scans = [prep(tcfg, load_raw_scan(root, u)) for u in train]
+
+    def two_stage(cfg: Any) -> Any:
+        det = fit_detector(cfg, scans, tr_truth)
+        fp = fit_fp_reduction(cfg, det, scans, tr_truth) if cfg.fp_reduction.enabled else None
+        return NoduleDetector(cfg, det, fp)
+
+    say(f"medical: teacher ({len(train)} training series, {len(held)} held out)")
+    t0 = time.perf_counter()
+    teacher = two_stage(tcfg)
+    t_teacher = time.perf_counter() - t0
+    say("medical: distilled student")
+    t0 = time.perf_counter()
+    distilled = distill_fit_predictor(scfg, teacher, {"alpha": args.alpha}).predictor
+    t_distill = time.perf_counter() - t0
+    say("medical: scratch student")
+    t0 = time.perf_counter()
+    scratch = two_stage(scfg)
+    t_scratch = time.perf_counter() - t0
+    crops = detector_samples(tcfg, scans[:4], tr_truth, np.random.default_rng(0))["image"]
+    held_scans = [load_raw_scan(root, u) for u in held]
+    rows = [
+        _medical_row(n, p, held_scans, held_truth, crops, args)
+        for n, p in (
+            ("teacher", teacher),
+            ("student_distilled", distilled),
+            ("student_scratch", scratch),
+        )
+    ]
+    ratio = rows[0]["active_params"] / rows[1]["active_params"]
+    teacher_cpm = rows[0]["cpm"]
+    details: dict[str, Any] = {
+        "rows": rows,
+        "teacher_over_student_active_params": ratio,
+        "scratch_retention": rows[2]["cpm"] / teacher_cpm if teacher_cpm > 0 else None,
+        "distilled_beats_scratch": rows[1]["cpm"] > rows[2]["cpm"],
+        "throughput": throughput_summary(rows, "stage1_crops_per_s"),
+        "alpha": args.alpha,
+        "epochs_per_stage": args.medical_epochs,
+        "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
+        "data": f"{len(truth.seriesuids)} synthetic phantoms ({root.name}), npz",
+        "n_train_series": len(train),
+        "n_heldout_series": len(held),
+        "n_heldout_nodules": len(held_truth.annotations),
+        "detector": "token heat map + FP reduction (synthetic_bench sizes for the teacher)",
+        "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
+        "machine": machine(),
+        "seed": args.seed,
+    }
+    if ratio < 4:
+        details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
+    if teacher_cpm <= 0:
+        details["warning_cpm"] = "teacher CPM is 0: retention undefined, recorded as 0"
+    retention = rows[1]["cpm"] / teacher_cpm if teacher_cpm > 0 else 0.0
+    return {"medical_student_retention": (retention, details)}
 
 
 # ============================================================================ ddp2
@@ -609,10 +1058,42 @@ def cmd_ddp2(args: argparse.Namespace) -> None:
 # ============================================================================ main
 
 
-def main(argv: list[str] | None = None) -> int:
+def record_result(area: str, key: str, value: float | None, details: dict[str, Any]) -> None:
+    """:func:`bench.common.record`, or for ``value=None`` (an invalid measurement, reason in
+    ``details``) the same atomic merge with ``"value": null``."""
+    if value is not None:
+        record(area, key, float(value), details)
+        return
+    import datetime as dt
+    import os
+    import tempfile
+
+    from bench.common import RESULTS_DIR
+
+    out_dir = Path(os.environ.get("KEEL_BENCH_RESULTS", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{area}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = {
+        "value": None,
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "command": details.get("command"),
+        "details": details,
+    }
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    print(f"[{area}] {key} = null ({details.get('invalid_reason', 'no value')})", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI's options, with ``--tiny`` clamping every epoch count to 1 (growth: 2, so the
+    tiny growth run validates once before it grows)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--apps", nargs="+", default=["maintenance", "fraud"])
+    ap.add_argument("--apps", nargs="+", default=["maintenance", "fraud", "medical"])
     ap.add_argument("--skip-growth", action="store_true")
     ap.add_argument("--skip-distill", action="store_true", help="growth experiment only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (data_samples)")
@@ -625,6 +1106,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-epochs", type=int, default=30)
     ap.add_argument("--growth-epochs", type=int, default=30)
     ap.add_argument("--grow-at", type=float, default=0.5, help="share of scratch steps")
+    ap.add_argument("--growth-subset", default="fd004", help="C-MAPSS subset: fd001..fd004")
+    ap.add_argument("--growth-small", default="d16,L1,F32", help="small model: d, L, FFN")
+    ap.add_argument("--growth-large", default="d64,L4,F256", help="large model: d, L, FFN")
+    ap.add_argument("--growth-head-dim", type=int, default=16, help="kept by d_model growth")
+    ap.add_argument(
+        "--score-batches",
+        type=int,
+        nargs="+",
+        default=[65536, 1024],
+        help="scoring batch sizes (rows); the largest decides the 3x throughput target",
+    )
+    ap.add_argument("--medical-data", default=None, help="npz folder (medical_bench layout)")
+    ap.add_argument("--medical-epochs", type=int, default=10, help="epochs per stage")
+    ap.add_argument("--medical-student-d", type=int, default=32)
     ap.add_argument("--grow-budget", type=float, default=1.3, help="x scratch epochs")
     ap.add_argument("--fraud-config", default="demo", help="demo | ulb | handbook | YAML")
     ap.add_argument("--fraud-teacher-epochs", type=int, default=5)
@@ -632,16 +1127,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
-        for k in ("teacher_epochs", "student_epochs", "growth_epochs"):
+        for k in ("teacher_epochs", "student_epochs", "medical_epochs"):
             setattr(args, k, min(getattr(args, k), 1))
+        args.growth_epochs = min(args.growth_epochs, 2)
         args.fraud_teacher_epochs = min(args.fraud_teacher_epochs, 1)
         args.fraud_student_epochs = min(args.fraud_student_epochs, 1)
+    unknown = set(args.apps) - {"maintenance", "fraud", "medical"}
+    if unknown:
+        ap.error(f"apps {sorted(unknown)}: expected maintenance, fraud, medical")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    unknown = set(args.apps) - {"maintenance", "fraud"}
-    if unknown:
-        ap.error(f"apps {sorted(unknown)}: only maintenance and fraud have distillation here")
-    results: dict[str, tuple[float, dict[str, Any]]] = {}
+    results: dict[str, tuple[float | None, dict[str, Any]]] = {}
     t0 = time.perf_counter()
     if "maintenance" in args.apps:
         if not args.skip_distill:
@@ -650,13 +1151,15 @@ def main(argv: list[str] | None = None) -> int:
             results |= run_maintenance_growth(args)
     if "fraud" in args.apps and not args.skip_distill:
         results |= run_fraud_distill(args)
+    if "medical" in args.apps and not args.skip_distill:
+        results |= run_medical_distill(args)
     cmd = "python -m bench.scale_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     for key, (value, details) in results.items():
         details = {**details, "command": cmd, "tiny": args.tiny}
         if args.no_record:
-            print(f"{key} = {value:.4g}", flush=True)
+            print(f"{key} = {value if value is None else f'{value:.4g}'}", flush=True)
         else:
-            record("scale", key, float(value), details)
+            record_result("scale", key, value, details)
     print(f"total {time.perf_counter() - t0:.0f} s on {machine()}", flush=True)
     print(json.dumps({k: v for k, (v, _) in results.items()}, indent=1))
     return 0

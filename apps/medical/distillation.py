@@ -54,6 +54,14 @@ def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig) -> None:
             f"the teacher must be a NoduleDetector, got {type(teacher).__name__}"
         )
     tc = teacher.config
+    for who, kind in (("teacher", tc.detector.kind), ("student", cfg.detector.kind)):
+        if kind != "token":
+            # the student below is a NoduleHeatmapModel matched on per-token logits; a dense
+            # (per-voxel) detector has neither
+            raise MedicalDataError(
+                f"the {who} config has detector.kind={kind!r}: distillation supports the"
+                " token detector only (detector.kind='token')"
+            )
     pairs = [
         ("detector.crop_zyx", tc.detector.crop_zyx, cfg.detector.crop_zyx),
         ("detector.patch_zyx", tc.detector.patch_zyx, cfg.detector.patch_zyx),

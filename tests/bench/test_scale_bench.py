@@ -1,0 +1,125 @@
+"""bench/scale_bench.py: the growth experiment's exactness, control run and verdict; the
+scoring-throughput summary; the tiny paths run end to end on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench import scale_bench as sb
+from core.growth import apply_growth
+
+torch.set_num_threads(1)
+
+
+def _args(*extra: str):
+    return sb.parse_args(["--device", "cpu", "--tiny", "--no-record", *extra])
+
+
+def test_growth_schedule_turns_small_into_large_exactly() -> None:
+    args = sb.parse_args(["--growth-small", "d16,L1,F32", "--growth-large", "d64,L4,F256"])
+    large, small, large_s, small_s = sb.growth_configs(args)
+    torch.manual_seed(0)
+    model = sb.rul_model(small, n_channels=14).eval()
+    x = torch.randn(6, 40, 14)
+    mask = torch.zeros(6, 40, dtype=torch.bool)
+    mask[:2, :17] = True  # early-life windows, left padded
+    before = model({"x": x, "mask": mask})
+    sched = sb.growth_schedule(small_s, large_s, at=0)
+    assert [s.operator for s in sched.steps] == ["grow_depth", "grow_width"]
+    for step in sched.steps:
+        apply_growth(model, step.operator, **step.kwargs)
+    after = model({"x": x, "mask": mask})
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    c = model.backbone.cfg
+    assert (c.d_model, c.n_layers, c.ffn_hidden, c.attention.n_heads) == (64, 4, 256, 4)
+    n_grown = sum(p.numel() for p in model.parameters())
+    assert n_grown == sum(p.numel() for p in sb.rul_model(large, 14).parameters())
+    # the new channels learn: non-zero gradients reach the zero-initialised rows
+    model.train()
+    model.loss(model({"x": x, "mask": mask}), {"rul": torch.rand(6) * 150}).backward()
+    assert model.patch_embed.proj.weight.grad[16:].abs().sum() > 0
+    assert model.rul_head[2].weight.grad[:, 16:].abs().sum() > 0
+
+
+def test_growth_schedule_rejects_a_smaller_large_model() -> None:
+    with pytest.raises(ValueError, match="must not be smaller"):
+        sb.growth_schedule(
+            {"d_model": 32, "n_layers": 2, "ffn_hidden": 64},
+            {"d_model": 16, "n_layers": 4, "ffn_hidden": 64},
+            at=10,
+        )
+    with pytest.raises(ValueError, match="must give d, L and F"):
+        sb.parse_size("d16,L1")
+
+
+def test_growth_verdict_needs_a_control_that_misses_L() -> None:
+    # control reached L: the saving is recorded as computed but not valid
+    saving, valid, reason = sb.growth_verdict(100.0, 40.0, 300, 0.9, 1.0)
+    assert (saving, valid) == (pytest.approx(0.6), False) and "step 300" in reason
+    # grown run never reached L
+    assert sb.growth_verdict(100.0, None, None, 1.2, 1.0)[:2] == (None, False)
+    # the honest case
+    assert sb.growth_verdict(100.0, 55.0, None, 1.2, 1.0) == (pytest.approx(0.45), True, None)
+
+
+def test_throughput_summary_uses_the_largest_batch() -> None:
+    rows = [
+        {"model": "teacher", "w": {65536: 1e6, 1024: 4e5}},
+        {"model": "student_distilled", "w": {65536: 3.5e6, 1024: 5e5}},
+        {"model": "student_scratch", "w": {65536: 3.4e6, 1024: 4.8e5}},
+    ]
+    s = sb.throughput_summary(rows, "w")
+    assert s["target_batch"] == 65536
+    assert s["student_speedup_at_target_batch"] == pytest.approx(3.5)
+    assert s["throughput_target_3x_met"] is True
+    assert s["student_distilled_speedup_vs_teacher"][1024] == pytest.approx(1.25)
+
+
+def test_score_throughput_repeats_rows_up_to_the_batch() -> None:
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, batch):
+            calls.append((batch["x"].shape[0], torch.is_inference_mode_enabled(), self.training))
+            return batch["x"].sum(-1)
+
+    rate = sb.score_throughput(Probe(), {"x": np.ones((5, 3), np.float32)}, 12, "cpu")
+    assert rate > 0
+    assert set(calls) == {(12, True, False)}
+
+
+def test_tiny_growth_run_records_the_control(tmp_path) -> None:
+    args = _args("--apps", "maintenance", "--skip-distill")
+    assert args.growth_epochs == 2
+    out = sb.run_maintenance_growth(args)
+    value, d = out["growth_flops_saving"]
+    assert d["grown_final_is_large_architecture"] is True
+    assert isinstance(d["small_only_reached_L"], bool)
+    assert len(d["curve_small_only"]) == len(d["curve_grow"]) == d["epochs"]["grow_and_control"]
+    # grown and control runs are the same run until the growth step
+    pre = [(s, v) for s, v in d["curve_grow"] if s <= d["grow_at_step"]]
+    assert pre, "the tiny run must validate once before it grows"
+    assert pre == d["curve_small_only"][: len(pre)]
+    assert d["target_val_loss_L"] == min(v for _, v in d["curve_scratch"])
+    if d["small_only_reached_L"] or d["grow_step_at_L"] is None:
+        assert value is None and d["valid"] is False and d["invalid_reason"]
+    else:
+        assert d["valid"] is True
+        assert value == pytest.approx(1 - d["flops_grow"] / d["flops_scratch"])
+
+
+def test_tiny_medical_distillation_rows(tmp_path) -> None:
+    args = _args("--apps", "medical", "--medical-data", str(tmp_path / "npz_data"))
+    value, d = sb.run_medical_distill(args)["medical_student_retention"]
+    assert (tmp_path / "npz_data" / "npz").is_dir()  # the medical_bench npz layout
+    names = [r["model"] for r in d["rows"]]
+    assert names == ["teacher", "student_distilled", "student_scratch"]
+    assert d["n_train_series"] + d["n_heldout_series"] == 4 and d["n_heldout_series"] >= 1
+    assert d["teacher_over_student_active_params"] >= 4
+    teacher, student = d["rows"][0], d["rows"][1]
+    assert all(0.0 <= r["cpm"] <= 1.0 for r in d["rows"])
+    expected = student["cpm"] / teacher["cpm"] if teacher["cpm"] > 0 else 0.0
+    assert value == pytest.approx(expected)
+    assert d["rows"][1]["active_params"] == d["rows"][2]["active_params"]
