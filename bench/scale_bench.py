@@ -38,7 +38,7 @@ units); FLOPs_scratch = training FLOPs until that epoch. A small dense model
 ``--grow-at`` of the scratch run's steps, is grown by ``TrainerConfig.growth`` into the
 large architecture (``grow_depth``: identity blocks; ``grow_width``: d_model with heads of
 ``--growth-head-dim`` kept, and the FFN; the RUL model's adapter and heads follow through
-the ``grow_d_model`` hook of :func:`growable_rul_model`; function-preserving) and continues
+the ``grow_d_model`` hook of :class:`apps.maintenance.model.RULModel`; function-preserving) and continues
 for ``--grow-budget`` x the scratch epochs; FLOPs_grow = training FLOPs until its first
 epoch with validation loss <= L. Control: the small model alone, never grown, same budget
 and schedule (identical to the grown run up to the growth step). ``growth_flops_saving =
@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -299,64 +298,12 @@ def _first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
-def _pad_linear(
-    old: torch.nn.Linear, in_f: int, in_map: list[tuple[int, int, int]], out_f: int
-) -> torch.nn.Linear:
-    """A wider copy of ``old`` (``in_f`` inputs, ``out_f`` outputs): input columns
-    ``old[:, a:a+n]`` go to ``new[:, b:b+n]`` for each ``(a, b, n)`` in ``in_map``, the
-    other input columns of the old outputs are 0 (they read channels that are 0 at growth
-    time), the first ``old.out_features`` outputs are the old ones and the new outputs keep
-    their random init (the caller zeroes whatever reads them)."""
-    new = torch.nn.Linear(in_f, out_f, bias=old.bias is not None)
-    new = new.to(old.weight.device, old.weight.dtype)
-    o = old.out_features
-    with torch.no_grad():
-        new.weight[:o].zero_()
-        for a, b, n in in_map:
-            new.weight[:o, b : b + n] = old.weight[:, a : a + n]
-        if old.bias is not None:
-            new.bias[:o] = old.bias
-    return new
-
-
-@functools.cache
-def growable_rul_model() -> type:
-    """:class:`apps.maintenance.model.RULModel` plus the ``grow_d_model`` hook that
-    :func:`core.growth.apply_growth` needs to widen ``d_model`` (the app's model has none;
-    defined here so the growth experiment can start from a narrower model)."""
+def rul_model(cfg: Any, n_channels: int) -> Any:
+    """The RUL model of ``cfg`` (same constructor arguments as ``training.fit``); its
+    ``grow_d_model`` hook lets ``core.growth`` widen ``d_model``."""
     from apps.maintenance.model import RULModel
 
-    class GrowableRULModel(RULModel):
-        """New token channels start at 0 (zero projection rows, position and CLS entries);
-        the heads read ``[CLS, last]`` at the new offsets with zero weights on the new
-        channels; the RUL head's new hidden units have zero output weights. Exact."""
-
-        @torch.no_grad()
-        def grow_d_model(self, old_d: int, new_d: int) -> None:
-            pad = new_d - old_d
-            pe = self.patch_embed
-            pe.proj = _pad_linear(
-                pe.proj, pe.proj.in_features, [(0, 0, pe.proj.in_features)], new_d
-            )
-            pe.proj.weight[old_d:].zero_()
-            pe.proj.bias[old_d:].zero_()
-            pe.pos_PD = torch.nn.Parameter(torch.nn.functional.pad(pe.pos_PD, (0, pad)))
-            if pe.cls is not None:
-                pe.cls = torch.nn.Parameter(torch.nn.functional.pad(pe.cls, (0, pad)))
-            pe.d_model = new_d
-            cat = [(0, 0, old_d), (old_d, new_d, old_d)]  # [CLS, last] at the new offsets
-            h1, act, h2 = self.rul_head
-            h1 = _pad_linear(h1, 2 * new_d, cat, new_d)
-            h2 = _pad_linear(h2, new_d, [(0, 0, old_d)], 1)
-            self.rul_head = torch.nn.Sequential(h1, act, h2)
-            self.alarm_head = _pad_linear(self.alarm_head, 2 * new_d, cat, 1)
-
-    return GrowableRULModel
-
-
-def rul_model(cfg: Any, n_channels: int) -> Any:
-    """The growable RUL model of ``cfg`` (same constructor arguments as ``training.fit``)."""
-    return growable_rul_model()(
+    return RULModel(
         cfg.model,
         cfg.optim,
         n_channels=n_channels,

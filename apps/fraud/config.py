@@ -5,7 +5,7 @@ path), the evaluation protocol (handbook train/delay/test blocks or the ULB time
 split), the features, the backbone, the head (history length, imbalance handling,
 calibration), the optimizer and trainer, the alert-threshold policy and the LightGBM
 baseline. Ship files live in ``apps/fraud/configs/`` (``demo.yaml``, ``ulb.yaml``,
-``handbook.yaml``) and load with :func:`load_config`.
+``ulb_ema.yaml``, ``handbook.yaml``) and load with :func:`load_config`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ PROTOCOLS = ("handbook", "time_fraction")
 THRESHOLD_RULES = ("alert_budget", "cost")
 CALIBRATIONS = ("platt", "isotonic", "none")
 LOSSES = ("bce", "focal")
+WEIGHT_AVERAGES = (None, "ema", "uniform")
 
 
 @dataclass
@@ -70,6 +71,10 @@ class HeadConfig:
     ``n_frequencies`` per feature, init scale ``frequency_scale``; see ``model.PeriodicNumeric``).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
+    ``weight_average``: one model with averaged weights (``training.AveragedWeights``):
+    ``"ema"`` (decay ``ema_decay`` per optimizer step) or ``"uniform"`` (mean of every
+    step's weights), from epoch ``average_start_epoch`` on; validation, best-epoch
+    selection and the final model use the averaged weights. ``None`` = off.
     """
 
     history_len: int = 8
@@ -85,8 +90,21 @@ class HeadConfig:
     n_frequencies: int = 16
     frequency_scale: float = 0.5
     select_best: str | None = None
+    weight_average: str | None = None
+    ema_decay: float = 0.998
+    average_start_epoch: int = 0
 
     def __post_init__(self) -> None:
+        if self.weight_average not in WEIGHT_AVERAGES:
+            raise FraudConfigError(
+                f"head.weight_average must be one of {WEIGHT_AVERAGES}, got {self.weight_average!r}"
+            )
+        if not 0 < self.ema_decay < 1:
+            raise FraudConfigError(f"head.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.average_start_epoch < 0:
+            raise FraudConfigError(
+                f"head.average_start_epoch must be >= 0, got {self.average_start_epoch}"
+            )
         if self.numeric_encoding not in ("linear", "periodic"):
             raise FraudConfigError(
                 f"head.numeric_encoding must be 'linear' or 'periodic', got {self.numeric_encoding!r}"

@@ -111,10 +111,16 @@ class MaintenanceConfig(YamlConfig):
     Training recipe knobs: ``steps_per_epoch`` (None: one pass over all training windows; else
     that many batches of windows drawn at random, so an "epoch" costs the same on every subset);
     ``restore_best`` keeps the weights of the epoch with the lowest validation RMSE (capped
-    truth, every cycle of the policy-validation units, i.e. every possible test-like truncation
-    of them) and ``early_stopping_patience`` stops after that many epochs without improvement.
+    truth, on the policy-validation units: every reading, or with ``val_max_rul`` only the
+    readings whose true RUL is at most that, i.e. cuts "some time before failure" like the
+    test units', not the long healthy stretch early in each run) and ``early_stopping_patience`` stops after that many epochs without improvement.
     ``age_feature`` adds the number of readings seen so far (/ ``age_scale``), observable at
-    scoring time, as an input channel.
+    scoring time, as an input channel. ``input_noise``: std of Gaussian noise added to every
+    (normalised) input channel of training windows only, at real (not padded) steps, a regulariser against memorising
+    the few training engines. ``rul_smoothing``: the RUL reported at a reading is the mean of
+    the last ``rul_smoothing`` window estimates, each minus the time elapsed since it (causal:
+    readings up to that one only; 1 = off); it applies everywhere the model is read (alarm
+    policy choice, lead time, the test protocol, scoring).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +135,9 @@ class MaintenanceConfig(YamlConfig):
     restore_best: bool = False
     age_feature: bool = False
     age_scale: float = 100.0
+    input_noise: float = 0.0
+    val_max_rul: float | None = None
+    rul_smoothing: int = 1
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
     pretrain_epochs: int = 0
     pretrain_mask_ratio: float = 0.3
@@ -150,6 +159,12 @@ class MaintenanceConfig(YamlConfig):
             raise MaintenanceDataError(f"steps_per_epoch={self.steps_per_epoch}: expected >= 1")
         if self.age_scale <= 0:
             raise MaintenanceDataError(f"age_scale={self.age_scale}: expected > 0")
+        if self.input_noise < 0:
+            raise MaintenanceDataError(f"input_noise={self.input_noise}: expected >= 0")
+        if self.val_max_rul is not None and self.val_max_rul <= 0:
+            raise MaintenanceDataError(f"val_max_rul={self.val_max_rul}: expected > 0 or null")
+        if self.rul_smoothing < 1:
+            raise MaintenanceDataError(f"rul_smoothing={self.rul_smoothing}: expected >= 1")
         if self.pretrain_epochs < 0:
             raise MaintenanceDataError(f"pretrain_epochs={self.pretrain_epochs}: expected >= 0")
 

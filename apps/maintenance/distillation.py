@@ -35,6 +35,7 @@ from apps.maintenance.training import (
     evaluate_prepared,
     fingerprint,
     input_example,
+    smoothed_rul,
     split_windows,
     time_unit_of,
 )
@@ -84,6 +85,8 @@ def build_student(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
         alarm_horizon=cfg.alarm.eval_horizon,
         alarm_loss_weight=cfg.alarm.alarm_loss_weight,
         loss_kind=cfg.loss,
+        input_noise=getattr(cfg, "input_noise", 0.0),
+        val_max_rul=getattr(cfg, "val_max_rul", None),
     )
 
 
@@ -131,14 +134,13 @@ def distill_fit_predictor(
         n = len("student.")
         student.load_state_dict({k[n:]: v for k, v in best.state.items() if k[:n] == "student."})
     tu = time_unit_of(data)
+    rul_unit = tu if data.schema.time_kind == "timestamp" else "cycles"
+    n_smooth = int(getattr(cfg, "rul_smoothing", 1))  # the teacher recipe's causal smoothing
     val_rul, _ = student.predict_windows(w_val.x, w_val.mask)
+    val_rul = smoothed_rul(val_rul, w_val, n_smooth, student.rul_cap, rul_unit)
     policy, _, limits = choose_policy(trajectory_frame(w_val, val_rul), cfg, tu)
     predictor = MaintenancePredictor(
-        student,
-        state,
-        data.schema,
-        policy,
-        time_unit=tu if data.schema.time_kind == "timestamp" else "cycles",
+        student, state, data.schema, policy, time_unit=rul_unit, rul_smoothing=n_smooth
     )
     limits = [
         *limits,

@@ -50,6 +50,8 @@ class RULModel(TaskModule):
         alarm_horizon: float = 30.0,
         alarm_loss_weight: float = 0.2,
         loss_kind: str = "huber",
+        input_noise: float = 0.0,
+        val_max_rul: float | None = None,
     ) -> None:
         super().__init__(
             backbone_config,
@@ -61,6 +63,8 @@ class RULModel(TaskModule):
             alarm_horizon=alarm_horizon,
             alarm_loss_weight=alarm_loss_weight,
             loss_kind=loss_kind,
+            input_noise=input_noise,
+            val_max_rul=val_max_rul,
         )
         if loss_kind not in ("huber", "mse"):
             raise ValueError(f"loss_kind={loss_kind!r}: expected 'huber' or 'mse'")
@@ -68,6 +72,8 @@ class RULModel(TaskModule):
         self.window, self.patch_len = window, patch_len
         self.rul_cap, self.alarm_horizon = float(rul_cap), float(alarm_horizon)
         self.alarm_loss_weight, self.loss_kind = float(alarm_loss_weight), loss_kind
+        self.input_noise = float(input_noise)
+        self.val_max_rul = None if val_max_rul is None else float(val_max_rul)
         self.patch_embed = PatchEmbed1d(
             n_channels, patch_len, d, max_patches=math.ceil(window / patch_len), cls_token=True
         )
@@ -76,7 +82,12 @@ class RULModel(TaskModule):
 
     # ------------------------------------------------------------------ TaskModule API
     def tokens(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.patch_embed.forward_with_mask(batch["x"], batch["mask"])
+        x_BWC = batch["x"]
+        if self.training and self.input_noise > 0:
+            # augmentation: sensor noise on real (not padded) steps, training only
+            noise_BWC = torch.randn_like(x_BWC) * self.input_noise
+            x_BWC = x_BWC + noise_BWC * (~batch["mask"]).unsqueeze(-1).to(x_BWC.dtype)
+        return self.patch_embed.forward_with_mask(x_BWC, batch["mask"])
 
     def head_forward(self, out: BackboneOutput, batch: dict[str, Tensor]) -> Tensor:
         h_BD = torch.cat([out.last_hidden[:, 0], out.last_hidden[:, -1]], dim=-1)
@@ -94,13 +105,46 @@ class RULModel(TaskModule):
         return reg + self.alarm_loss_weight * alarm
 
     def val_metrics(self, preds: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``mse_capped`` over every window; ``se_near`` / ``frac_near``: the mean of squared
+        errors times "true RUL <= ``val_max_rul``" and the mean of that indicator. Lightning
+        averages both over the epoch weighted by batch size, so their ratio is exactly the MSE
+        over the windows near failure (see ``BestValidationRMSE``)."""
         target = batch["rul"].float().clamp(max=self.rul_cap)
-        return {"mse_capped": ((self.rul(preds) - target) ** 2).mean()}
+        se = (self.rul(preds) - target) ** 2
+        out = {"mse_capped": se.mean()}
+        if self.val_max_rul is not None:
+            near = (batch["rul"].float() <= self.val_max_rul).float()
+            out |= {"se_near": (se * near).mean(), "frac_near": near.mean()}
+        return out
 
     def rul(self, preds: Tensor) -> Tensor:
         """Predicted RUL (cycles or time units) from ``forward``'s output, clamped to
         ``[0, rul_cap]``: the model estimates the capped target, which never leaves that range."""
         return preds[:, 0].float().clamp(0.0, 1.0) * self.rul_cap
+
+    @torch.no_grad()
+    def grow_d_model(self, old_d: int, new_d: int) -> None:
+        """``core.growth.apply_growth`` hook for ``d_model`` growth, function-preserving: new
+        token channels start at 0 (zero projection rows, position and CLS entries, matching
+        the zero-padded backbone channels); the heads read ``[CLS, last]`` at the new offsets
+        with zero weights on the new channels; the RUL head's new hidden units have zero
+        output weights, so the outputs are unchanged until training moves them."""
+        pad = new_d - old_d
+        pe = self.patch_embed
+        pe.proj = _pad_linear(pe.proj, pe.proj.in_features, [(0, 0, pe.proj.in_features)], new_d)
+        pe.proj.weight[old_d:].zero_()
+        if pe.proj.bias is not None:
+            pe.proj.bias[old_d:].zero_()
+        pe.pos_PD = nn.Parameter(F.pad(pe.pos_PD, (0, pad)))
+        if pe.cls is not None:
+            pe.cls = nn.Parameter(F.pad(pe.cls, (0, pad)))
+        pe.d_model = new_d
+        cat = [(0, 0, old_d), (old_d, new_d, old_d)]  # [CLS, last] at the new offsets
+        h1, act, h2 = self.rul_head
+        self.rul_head = nn.Sequential(
+            _pad_linear(h1, 2 * new_d, cat, new_d), act, _pad_linear(h2, new_d, [(0, 0, old_d)], 1)
+        )
+        self.alarm_head = _pad_linear(self.alarm_head, 2 * new_d, cat, 1)
 
     @torch.no_grad()
     def predict_windows(
@@ -123,6 +167,26 @@ class RULModel(TaskModule):
         if not rul:
             return np.zeros(0), np.zeros(0)
         return np.concatenate(rul).astype(np.float64), np.concatenate(prob).astype(np.float64)
+
+
+def _pad_linear(
+    old: nn.Linear, in_f: int, in_map: list[tuple[int, int, int]], out_f: int
+) -> nn.Linear:
+    """A wider copy of ``old`` (``in_f`` inputs, ``out_f`` outputs): input columns
+    ``old[:, a:a+n]`` go to ``new[:, b:b+n]`` for each ``(a, b, n)`` in ``in_map``; the old
+    outputs' other input columns are 0 (they read channels that are 0 at growth time); the
+    first ``old.out_features`` outputs are the old ones, the new ones keep their random init
+    (the caller zeroes whatever reads them)."""
+    new = nn.Linear(in_f, out_f, bias=old.bias is not None)
+    new = new.to(old.weight.device, old.weight.dtype)
+    o = old.out_features
+    with torch.no_grad():
+        new.weight[:o].zero_()
+        for a, b, n in in_map:
+            new.weight[:o, b : b + n] = old.weight[:, a : a + n]
+        if old.bias is not None:
+            new.bias[:o] = old.bias
+    return new
 
 
 def pretrain_masked(

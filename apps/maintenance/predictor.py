@@ -6,10 +6,12 @@ firing at that reading, and when it first fired within the given history. Every 
 checked with the training :class:`SensorSchema` *per asset*: an asset whose readings are
 invalid (NaN or text in a sensor, duplicated or unsorted times beyond the configured repair)
 gets a row with ``reject_reason`` and null predictions; the other assets are scored. Nothing
-is dropped silently.
+is dropped silently. With ``rul_smoothing`` > 1 each reading's RUL is the causal mean of the
+last ``rul_smoothing`` window estimates, each moved forward by the time elapsed since
+(:func:`causal_smooth_rul`; only readings up to that reading are used).
 
 ``save`` writes only plain files: ``config.json`` (model hyperparameters, schema, normaliser
-statistics, alarm policy) and ``weights.pt`` (a ``state_dict``, loaded with
+statistics, alarm policy, RUL smoothing) and ``weights.pt`` (a ``state_dict``, loaded with
 ``weights_only=True``). No pickle, so loading a registered model executes no stored code.
 """
 
@@ -32,6 +34,61 @@ from apps.maintenance.schema import SensorSchema, validate_sensor_frame
 from apps.maintenance.windows import build_windows
 
 FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------ causal RUL smoothing
+def causal_smooth_rul(
+    rul_N: np.ndarray,
+    unit_N: np.ndarray,
+    elapsed_N: np.ndarray,
+    n_last: int,
+    cap: float | None = None,
+) -> np.ndarray:
+    """Causal smoothing of per-reading RUL estimates: at reading i of a unit, the mean over
+    its last ``n_last`` readings i-j (as many as exist) of ``rul[i-j] - (t[i] - t[i-j])``.
+
+    Each term is an estimate of the RUL *now* made from an earlier window (its RUL minus the
+    time elapsed since), so the mean keeps the estimate unbiased on the degradation slope
+    while averaging out window-to-window noise. Only readings at or before i enter: nothing
+    from the future. Rows must be sorted by unit then time (as :func:`build_windows` emits);
+    ``elapsed_N`` is time in RUL units (cycles, or elapsed hours for timestamps). The result
+    is clipped to ``[0, cap]`` (``cap=None``: only at 0). ``n_last=1`` returns ``rul`` as is.
+    On the flat capped plateau every term but j=0 is low by its j, so large ``n_last`` pulls
+    healthy estimates down by about ``(n_last - 1) / 2``: choose it on validation units.
+    """
+    rul = np.asarray(rul_N, dtype=np.float64)
+    if n_last < 1:
+        raise MaintenanceDataError(f"rul_smoothing={n_last}: expected >= 1")
+    if n_last == 1 or len(rul) == 0:
+        return rul.copy()
+    unit = np.asarray(unit_N)
+    t = np.asarray(elapsed_N, dtype=np.float64)
+    starts = np.r_[True, unit[1:] != unit[:-1]]
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(rul)), 0))  # unit's first row
+    total = np.zeros_like(rul)
+    count = np.zeros_like(rul)
+    for j in range(n_last):
+        i = np.arange(j, len(rul))
+        ok = i - j >= first[i]  # the earlier reading belongs to the same unit
+        i = i[ok]
+        total[i] += rul[i - j] - (t[i] - t[i - j])
+        count[i] += 1.0
+    return np.clip(total / count, 0.0, cap if cap is not None else np.inf)
+
+
+def elapsed_in(time_N: np.ndarray, time_unit: str) -> np.ndarray:
+    """Times as floats in RUL units: numbers (cycles) as given, timestamps as the number of
+    ``time_unit`` (``"h"``, ``"D"``, ...) since 1970 (only differences matter)."""
+    t = np.asarray(time_N)
+    if np.issubdtype(t.dtype, np.datetime64) or isinstance(t.dtype, pd.DatetimeTZDtype):
+        ts = pd.to_datetime(pd.Series(t))
+        if ts.dt.tz is not None:
+            ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+        return ((ts - pd.Timestamp(0)) / pd.Timedelta(1, time_unit)).to_numpy(np.float64)
+    if t.dtype == object:
+        ts = pd.to_datetime(pd.Series(t), utc=True).dt.tz_localize(None)
+        return ((ts - pd.Timestamp(0)) / pd.Timedelta(1, time_unit)).to_numpy(np.float64)
+    return t.astype(np.float64)
 
 
 # ------------------------------------------------------------------ normaliser as plain data
@@ -139,12 +196,14 @@ class MaintenancePredictor:
         schema: SensorSchema,
         policy: AlarmPolicy,
         time_unit: str = "cycles",
+        rul_smoothing: int = 1,
     ) -> None:
         self.model = model.eval()
         self.normalizer = normalizer
         self.schema = schema
         self.policy = policy
         self.time_unit = time_unit
+        self.rul_smoothing = int(rul_smoothing)
         self.input_columns = [
             schema.asset_column,
             schema.time_column,
@@ -174,6 +233,7 @@ class MaintenancePredictor:
             "schema": self.schema.to_dict(),
             "policy": {"horizon": self.policy.horizon, "k": self.policy.k},
             "time_unit": self.time_unit,
+            "rul_smoothing": self.rul_smoothing,
         }
         atomic_write_text(path / "config.json", json.dumps(config, indent=1))
         tmp = path / ".weights.pt.tmp"
@@ -197,6 +257,7 @@ class MaintenancePredictor:
             SensorSchema.from_dict(cfg["schema"]),
             AlarmPolicy(float(cfg["policy"]["horizon"]), int(cfg["policy"]["k"])),
             cfg.get("time_unit", "cycles"),
+            rul_smoothing=int(cfg.get("rul_smoothing", 1)),
         )
 
     # ---------------------------------------------------------------- scoring
@@ -242,6 +303,9 @@ class MaintenancePredictor:
             target_column=None,
         )
         rul, prob = self.model.predict_windows(w.x, w.mask)
+        rul = causal_smooth_rul(
+            rul, w.unit, elapsed_in(w.time, self.time_unit), self.rul_smoothing, self.model.rul_cap
+        )
         traj = pd.DataFrame({s.asset_column: w.unit, s.time_column: w.time, "rul": rul})
         traj["p_fail"] = prob
         traj["alarm"] = np.zeros(len(traj), dtype=bool)

@@ -12,6 +12,11 @@ Protocol in one place (every reported number names it in ``EvalResult.protocol``
   full run-to-failure units used for nothing else;
 * RMSE / PHM08: one prediction per ``test`` unit at its last observed reading, truth capped
   at ``rul_cap`` and uncapped; alarm precision/recall on the same truncated units.
+
+The model is always read through the predictor's causal RUL smoothing (``rul_smoothing``:
+the mean of the last few window estimates, each minus the time since; 1 = off), for the
+policy choice, lead time and the test protocol alike; its length is chosen with
+:func:`validation_rmse_by_smoothing` on the validation units.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from apps.maintenance.model import RULModel, pretrain_masked
 from apps.maintenance.predictor import (
     MaintenancePredictor,
     apply_normalizer,
+    causal_smooth_rul,
+    elapsed_in,
     feature_names,
     normalizer_state,
 )
@@ -92,10 +99,16 @@ def batch_loader(
 
 
 class BestValidationRMSE(lightning.Callback):
-    """Tracks the validation RMSE (``sqrt`` of the epoch's ``val/mse_capped``: capped truth at
-    every cycle of the policy-validation units, i.e. at every test-like truncation of them),
-    keeps the best epoch's weights in memory (``restore`` puts them back after training) and
-    stops training after ``patience`` epochs without improvement (None: never)."""
+    """Tracks the validation RMSE against the capped truth, keeps the best epoch's weights in
+    memory (``restore`` puts them back after training) and stops training after ``patience``
+    epochs without improvement (None: never).
+
+    The RMSE is over every reading of the policy-validation units (``val/mse_capped``: every
+    possible truncation of them, uniformly), or, when the model has ``val_max_rul``, over the
+    readings whose true RUL is at most that (``val/se_near`` / ``val/frac_near``): the test
+    protocol scores each test unit once, at a cut "some time before failure", so the long
+    healthy stretch early in a run, which dominates the every-reading average, says little
+    about it."""
 
     def __init__(self, patience: int | None = None) -> None:
         self.patience = patience
@@ -105,9 +118,13 @@ class BestValidationRMSE(lightning.Callback):
         self.state: dict[str, torch.Tensor] | None = None
 
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or "val/mse_capped" not in trainer.callback_metrics:
+        m = trainer.callback_metrics
+        if trainer.sanity_checking or "val/mse_capped" not in m:
             return
-        rmse_val = float(trainer.callback_metrics["val/mse_capped"]) ** 0.5
+        if "val/se_near" in m and float(m["val/frac_near"]) > 0:
+            rmse_val = (float(m["val/se_near"]) / float(m["val/frac_near"])) ** 0.5
+        else:
+            rmse_val = float(m["val/mse_capped"]) ** 0.5
         self.history.append(rmse_val)
         epoch = trainer.current_epoch
         log.info("epoch %d: validation RMSE (capped truth) %.3f", epoch, rmse_val)
@@ -131,6 +148,39 @@ class FitOutput:
     known_limits: list[str] = field(default_factory=list)
     val_rmse_history: list[float] = field(default_factory=list)
     best_epoch: int = -1
+    val_rmse_by_smoothing: dict[int, float] = field(default_factory=dict)
+
+
+SMOOTHING_CANDIDATES = (1, 3, 5, 8, 10, 15, 20)
+
+
+def smoothed_rul(
+    rul: np.ndarray, w: WindowSet, n_last: int, cap: float, time_unit: str
+) -> np.ndarray:
+    """:func:`causal_smooth_rul` over a window set's trajectories (rows sorted by unit, time)."""
+    return causal_smooth_rul(rul, w.unit, elapsed_in(w.time, time_unit), n_last, cap)
+
+
+def validation_rmse_by_smoothing(
+    rul: np.ndarray,
+    w_val: WindowSet,
+    cap: float,
+    time_unit: str,
+    max_rul: float | None = None,
+    candidates: tuple[int, ...] = SMOOTHING_CANDIDATES,
+) -> dict[int, float]:
+    """RMSE against the capped truth on the validation units for each causal smoothing length
+    in ``candidates``, over the readings the epoch choice scores (every reading, or those with
+    true RUL <= ``max_rul``); the numbers to choose ``rul_smoothing`` with (never the test
+    units)."""
+    true = w_val.rul.astype(np.float64)
+    keep = np.ones(len(true), bool) if max_rul is None else true <= max_rul
+    truth = np.minimum(true, cap)[keep]
+    out = {}
+    for n in candidates:
+        err = smoothed_rul(rul, w_val, n, cap, time_unit)[keep] - truth
+        out[n] = float(np.sqrt(np.mean(err**2)))
+    return out
 
 
 def split_windows(
@@ -212,6 +262,8 @@ def fit(
         alarm_horizon=cfg.alarm.eval_horizon,
         alarm_loss_weight=cfg.alarm.alarm_loss_weight,
         loss_kind=cfg.loss,
+        input_noise=cfg.input_noise,
+        val_max_rul=cfg.val_max_rul,
     )
     losses: list[float] = []
     if cfg.pretrain_epochs > 0:
@@ -243,20 +295,21 @@ def fit(
     pred_dev = device if device not in (None, "cpu") and torch.cuda.is_available() else "cpu"
     val_rul, _ = model.to(pred_dev).predict_windows(w_val.x, w_val.mask)
     model.cpu()
+    rul_unit = tu if data.schema.time_kind == "timestamp" else "cycles"
+    val_by_n = validation_rmse_by_smoothing(val_rul, w_val, cfg.rul_cap, rul_unit, cfg.val_max_rul)
+    val_rul = smoothed_rul(val_rul, w_val, cfg.rul_smoothing, cfg.rul_cap, rul_unit)
     policy, selector, limits = choose_policy(trajectory_frame(w_val, val_rul), cfg, tu)
     predictor = MaintenancePredictor(
-        model,
-        state,
-        data.schema,
-        policy,
-        time_unit=tu if data.schema.time_kind == "timestamp" else "cycles",
+        model, state, data.schema, policy, time_unit=rul_unit, rul_smoothing=cfg.rul_smoothing
     )
     limits += [
         "windows count readings, not clock time: gaps in an asset's readings are not filled",
         "scoring windows an asset's whole given history; pass only the readings since its "
         "last maintenance (a new run resets health)",
     ]
-    return FitOutput(predictor, data, selector, losses, limits, best.history, best.best_epoch)
+    return FitOutput(
+        predictor, data, selector, losses, limits, best.history, best.best_epoch, val_by_n
+    )
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -276,17 +329,25 @@ def evaluate_prepared(
     unit_name = tu if timestamped else "cycles"
     H = cfg.alarm.eval_horizon
 
-    # C-MAPSS test protocol: one prediction per test unit at its last observed reading
-    w_last = split_windows(predictor, data.test, cfg.window, last_only=True)
-    pred_last, _ = model.predict_windows(w_last.x, w_last.mask)
-    test = cmapss_test_metrics(pred_last, w_last.rul, cap=cfg.rul_cap)
-    # alarms on truncated test units (policy state at the last reading)
+    n_smooth, rul_unit = predictor.rul_smoothing, predictor.time_unit
+
+    def rul_of(w: WindowSet) -> np.ndarray:  # the predictor's RUL: causal smoothing included
+        raw = model.predict_windows(w.x, w.mask)[0]
+        return smoothed_rul(raw, w, n_smooth, model.rul_cap, rul_unit)
+
+    # C-MAPSS test protocol: one prediction per test unit at its last observed reading (with
+    # smoothing, from the unit's readings up to that one; the truth is never read)
     w_test = split_windows(predictor, data.test, cfg.window)
-    test_traj = trajectory_frame(w_test, model.predict_windows(w_test.x, w_test.mask)[0])
+    test_rul = rul_of(w_test)
+    last = np.r_[w_test.unit[1:] != w_test.unit[:-1], True]  # each unit's last reading
+    pred_last, true_last = test_rul[last], w_test.rul[last]
+    test = cmapss_test_metrics(pred_last, true_last, cap=cfg.rul_cap)
+    # alarms on truncated test units (policy state at the last reading)
+    test_traj = trajectory_frame(w_test, test_rul)
     trunc = truncated_alarm_metrics(test_traj, policy, horizon=H, time_unit=tu)
     # lead time + prognostics on held-out full run-to-failure units
     w_lead = split_windows(predictor, data.lead, cfg.window)
-    lead_traj = trajectory_frame(w_lead, model.predict_windows(w_lead.x, w_lead.mask)[0])
+    lead_traj = trajectory_frame(w_lead, rul_of(w_lead))
     lead = lead_time_metrics(lead_traj, policy, horizon=H, time_unit=tu)
     prog = prognostic_metrics(lead_traj, time_unit=tu)
 
@@ -314,7 +375,13 @@ def evaluate_prepared(
             f"data: {data.source}; units split by unit (seed {cfg.seed}): "
             f"{data.train['unit'].nunique()} train, {data.policy['unit'].nunique()} policy-validation, "
             f"{data.lead['unit'].nunique()} lead-time hold-out, {data.test['unit'].nunique()} test",
-            f"[rmse_*, phm08_*] {test.protocol}; units: {unit_name}",
+            f"[rmse_*, phm08_*] {test.protocol}; units: {unit_name}"
+            + (
+                f"; every RUL (here and below) is the causal mean of the last {n_smooth} window "
+                "estimates, each minus the time since (readings up to the scored one only)"
+                if n_smooth > 1
+                else ""
+            ),
             f"[test_alarm_*] {trunc.protocol}",
             f"[lead_*, false_alarms_per_1000_healthy] {lead.protocol} (held-out units never used "
             f"for training or policy choice)",
@@ -341,7 +408,7 @@ def evaluate_prepared(
         "lead_per_unit": lead.tables["per_unit"],
         "test_alarm_per_unit": trunc.tables["per_unit"],
         "test_last_cycle": pd.DataFrame(
-            {"unit": w_last.unit, "rul_pred": pred_last, "rul_true": w_last.rul}
+            {"unit": w_test.unit[last], "rul_pred": pred_last, "rul_true": true_last}
         ),
     }
     return EvalResult(metrics=_finite(metrics), protocol=protocol, figures=figs, tables=tables)
