@@ -299,21 +299,11 @@ def _first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def rul_model(cfg: Any, n_channels: int) -> Any:
-    """The RUL model of ``cfg`` (same constructor arguments as ``training.fit``); its
-    ``grow_d_model`` hook lets ``core.growth`` widen ``d_model``."""
-    from apps.maintenance.model import RULModel
+    """The RUL model of ``cfg``, built like ``training.fit`` builds it; its ``grow_d_model``
+    hook lets ``core.growth`` widen ``d_model``."""
+    from apps.maintenance.training import build_model
 
-    return RULModel(
-        cfg.model,
-        cfg.optim,
-        n_channels=n_channels,
-        window=cfg.window,
-        patch_len=cfg.patch_len,
-        rul_cap=cfg.rul_cap,
-        alarm_horizon=cfg.alarm.eval_horizon,
-        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
-        loss_kind=cfg.loss,
-    )
+    return build_model(cfg, n_channels)
 
 
 def train_curve(cfg: Any, data: Any) -> tuple[list[tuple[int, float]], Any]:

@@ -31,6 +31,7 @@ from apps.maintenance.predictor import MaintenancePredictor, feature_names
 from apps.maintenance.training import (
     BestValidationRMSE,
     batch_loader,
+    build_model,
     choose_policy,
     evaluate_prepared,
     fingerprint,
@@ -74,20 +75,8 @@ def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> Non
 
 
 def build_student(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
-    """The student model of ``cfg`` (same constructor arguments as ``training.fit``)."""
-    return RULModel(
-        cfg.model,
-        cfg.optim,
-        n_channels=n_channels,
-        window=cfg.window,
-        patch_len=cfg.patch_len,
-        rul_cap=cfg.rul_cap,
-        alarm_horizon=cfg.alarm.eval_horizon,
-        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
-        loss_kind=cfg.loss,
-        input_noise=getattr(cfg, "input_noise", 0.0),
-        val_max_rul=getattr(cfg, "val_max_rul", None),
-    )
+    """The student model of ``cfg`` (the same builder as ``training.fit``)."""
+    return build_model(cfg, n_channels)
 
 
 @dataclasses.dataclass

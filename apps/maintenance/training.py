@@ -238,6 +238,24 @@ def choose_policy(
         return AlarmPolicy(float(best["horizon"]), int(best["k"])), sel, [msg]
 
 
+def build_model(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
+    """The RUL model ``cfg`` describes for ``n_channels`` input channels (one place, so the
+    trainer, the distillation student and the growth bench build the same model)."""
+    return RULModel(
+        cfg.model,
+        cfg.optim,
+        n_channels=n_channels,
+        window=cfg.window,
+        patch_len=cfg.patch_len,
+        rul_cap=cfg.rul_cap,
+        alarm_horizon=cfg.alarm.eval_horizon,
+        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
+        loss_kind=cfg.loss,
+        input_noise=cfg.input_noise,
+        val_max_rul=cfg.val_max_rul,
+    )
+
+
 def fit(
     cfg: MaintenanceConfig,
     logger: Any = False,
@@ -252,19 +270,7 @@ def fit(
         state |= {"age_feature": True, "age_scale": float(cfg.age_scale)}
     w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
     w_val = split_windows(state, data.policy, cfg.window)
-    model = RULModel(
-        cfg.model,
-        cfg.optim,
-        n_channels=w_train.x.shape[2],
-        window=cfg.window,
-        patch_len=cfg.patch_len,
-        rul_cap=cfg.rul_cap,
-        alarm_horizon=cfg.alarm.eval_horizon,
-        alarm_loss_weight=cfg.alarm.alarm_loss_weight,
-        loss_kind=cfg.loss,
-        input_noise=cfg.input_noise,
-        val_max_rul=cfg.val_max_rul,
-    )
+    model = build_model(cfg, n_channels=w_train.x.shape[2])
     losses: list[float] = []
     if cfg.pretrain_epochs > 0:
         dev = device or (
