@@ -173,7 +173,8 @@ def _device_trainer(cfg: Any, device: str, epochs: int, precision: str | None) -
 
 
 def dense_student_model(teacher_model: Any, d_model: int, n_layers: int) -> Any:
-    """The teacher's backbone config shrunk to a small dense student (2 heads, FFN 2 x d)."""
+    """The teacher's backbone config shrunk to a small dense student (2 heads, FFN 2 x d;
+    the attention's gating and top-k kept). Used for every app's student."""
     return dataclasses.replace(
         teacher_model,
         d_model=d_model,
@@ -637,19 +638,6 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
 # ============================================================================ medical
 
 
-def _medical_student_backbone(b: Any, d_model: int, n_layers: int) -> Any:
-    """A small dense copy of a stage's backbone (same attention top-k, 2 heads)."""
-    return dataclasses.replace(
-        b,
-        d_model=d_model,
-        n_layers=n_layers,
-        ffn_hidden=2 * d_model,
-        moe=None,
-        n_dense_layers=n_layers,
-        attention=dataclasses.replace(b.attention, n_heads=2),
-    )
-
-
 def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
     """(teacher, student) configs: ``synthetic_bench`` with the token detector (the one
     ``apps/medical/distillation.py`` distils) and FP reduction on; the student has small
@@ -685,7 +673,7 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
     s = copy.deepcopy(t)
     d, n = (8, 1) if args.tiny else (args.medical_student_d, 2)
     for stage in (s.detector, s.fp_reduction):
-        stage.backbone = _medical_student_backbone(stage.backbone, d, n)
+        stage.backbone = dense_student_model(stage.backbone, d, n)
     return t, s
 
 
