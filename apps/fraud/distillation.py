@@ -17,10 +17,7 @@ is fitted (the student competes with its teacher, not with the baseline). No MLf
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
-
-import numpy as np
 
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
@@ -33,6 +30,7 @@ from apps.fraud.training import (
     choose_threshold,
     evaluate_inputs,
     load_data,
+    training_rows,
 )
 from core.distill import DistillConfig, count_active_params, distill_fit
 from core.engine import seed_everything
@@ -43,15 +41,6 @@ def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillCo
     """``cfg`` with ``kind="binary"`` when left ``auto`` (one logit per row)."""
     d = cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(dict(cfg or {}))
     return dataclasses.replace(d, kind="binary") if d.kind == "auto" else d
-
-
-def training_rows(data: PreparedData, rate: float, seed: int) -> np.ndarray:
-    """All training frauds plus a seeded share ``rate`` of legitimate training rows."""
-    idx = data.split.train
-    if rate >= 1:
-        return idx
-    rng = np.random.default_rng(seed)
-    return idx[(data.y[idx] == 1) | (rng.random(len(idx)) < rate)]
 
 
 def build_student(cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float) -> FraudModel:
@@ -91,12 +80,7 @@ def distill_fit_predictor(
         raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
     seed_everything(cfg.seed)
     mi = teacher.inputs.transform(data.frame)
-    rows = training_rows(data, cfg.head.neg_sample_rate, cfg.seed)
-    n_pos = int(data.y[rows].sum())
-    if n_pos == 0:
-        raise FraudDataError(f"no fraud in the {len(rows)} training rows; cannot train")
-    pw = cfg.head.pos_weight
-    pos_weight = math.sqrt((len(rows) - n_pos) / n_pos) if pw == "sqrt" else float(pw or 1.0)
+    rows, pos_weight = training_rows(data, cfg)
     train = {**mi.take(rows), "y": data.y[rows]}
     valid = {**mi.take(split.valid), "y": data.y[split.valid]}
     trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)

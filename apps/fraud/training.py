@@ -116,14 +116,22 @@ def load_data(cfg: FraudConfig) -> PreparedData:
     return PreparedData(schema, frame, raw, split, y, days, cards, _fingerprint(frame))
 
 
-def _train_rows(data: PreparedData, rate: float, seed: int) -> np.ndarray:
-    """All training frauds plus a seeded share ``rate`` of legitimate training rows."""
+def training_rows(data: PreparedData, cfg: FraudConfig) -> tuple[np.ndarray, float]:
+    """``(rows, pos_weight)`` of one training run: all training frauds plus a seeded share
+    ``head.neg_sample_rate`` of legitimate training rows, and the positive-class weight of
+    the loss on those rows (``head.pos_weight``; ``"sqrt"``: sqrt(negatives / positives)).
+    Shared by :func:`fit` and the distillation student, so both see the same rows."""
     idx = data.split.train
-    if rate >= 1:
-        return idx
-    rng = np.random.default_rng(seed)
-    keep = (data.y[idx] == 1) | (rng.random(len(idx)) < rate)
-    return idx[keep]
+    rate = cfg.head.neg_sample_rate
+    if rate < 1:
+        rng = np.random.default_rng(cfg.seed)
+        idx = idx[(data.y[idx] == 1) | (rng.random(len(idx)) < rate)]
+    n_pos = int(data.y[idx].sum())
+    if n_pos == 0:
+        raise FraudDataError(f"no fraud in the {len(idx)} training rows; cannot train")
+    pw = cfg.head.pos_weight
+    pos_weight = math.sqrt((len(idx) - n_pos) / n_pos) if pw == "sqrt" else float(pw or 1.0)
+    return idx, pos_weight
 
 
 class _DataModule(L.LightningDataModule):
@@ -371,12 +379,7 @@ def fit(
     ib.fit(data.frame[split.train], context=data.frame, train_rows=split.train)
     mi = ib.fitted_inputs_
 
-    rows = _train_rows(data, cfg.head.neg_sample_rate, cfg.seed)
-    n_pos = int(data.y[rows].sum())
-    if n_pos == 0:
-        raise FraudDataError(f"no fraud in the {len(rows)} training rows; cannot train")
-    pw = cfg.head.pos_weight
-    pos_weight = math.sqrt((len(rows) - n_pos) / n_pos) if pw == "sqrt" else float(pw or 1.0)
+    rows, pos_weight = training_rows(data, cfg)
     train = {**mi.take(rows), "y": data.y[rows]}
     valid = {**mi.take(split.valid), "y": data.y[split.valid]}
 
