@@ -141,6 +141,9 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
             )
         ],
         "nms_radius_mm_chosen_on_validation": cfg.detector.nms_radius_mm,
+        "spacing_zyx_mm": list(cfg.spacing_zyx),
+        "crop_zyx": list(cfg.detector.crop_zyx),
+        "tta_flips": cfg.detector.tta_flips,
         "detector": cfg.detector.kind,
         "backbone": {
             "d_model": cfg.detector.backbone.d_model,
@@ -156,6 +159,17 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
         "targets": {"sensitivity_at_4fp": 0.94, "cpm": 0.85},
     }
     record("medical", "synthetic_sens_at_4fp", m["sensitivity_at_4fp"], details)
+    if cfg.detector.tta_flips:  # the same model without flips, for the record
+        predictor.config.detector.tta_flips = False
+        res0, _ = evaluate_scans(
+            predictor.detect_volume, [load_raw_scan(data, u) for u in held], truth.subset(held)
+        )
+        predictor.config.detector.tta_flips = True
+        m0 = froc_metrics(res0)
+        keys = ("cpm", "sensitivity_at_4fp", "sensitivity_at_1fp")
+        details["without_tta_flips"] = {k: round(float(m0[k]), 4) for k in keys}
+        print(f"[medical] without flip TTA: {details['without_tta_flips']}", flush=True)
+        record("medical", "synthetic_sens_at_4fp", m["sensitivity_at_4fp"], details)
     record("medical", "synthetic_cpm", m["cpm"], {"label": label, "see": "synthetic_sens_at_4fp"})
     record(
         "medical",
@@ -396,6 +410,16 @@ def _configure(args: argparse.Namespace) -> tuple[MedicalConfig, str]:
     if args.n_series is not None:
         cfg.data.generate = {**(cfg.data.generate or {}), "n_series": int(args.n_series)}
         label += f" ({args.n_series} series)"
+    if args.spacing is not None:  # a finer grid for small nodules; crops keep their voxels
+        cfg.spacing_zyx = (args.spacing,) * 3
+        label += f" ({args.spacing:g} mm grid)"
+    if args.crop is not None:
+        dc.crop_zyx = (args.crop,) * 3
+        dc.stride_zyx = (args.crop * 2 // 3,) * 3
+        label += f" (crop {args.crop})"
+    if args.tta:
+        dc.tta_flips = True
+        label += " (flip TTA)"
     if args.minutes is not None:
         dc.train_minutes = args.minutes
         label += f" ({args.minutes:g} min training budget)"
@@ -413,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="stage-1 max epochs")
     ap.add_argument("--samples", type=int, help="stage-1 crops per epoch")
     ap.add_argument("--n-series", type=int, help="synthetic series to generate (25%% held out)")
+    ap.add_argument("--spacing", type=float, help="isotropic grid in mm (config: 3)")
+    ap.add_argument("--crop", type=int, help="training/inference crop edge in voxels")
+    ap.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     ap.add_argument("--cpu-small", action="store_true", help="smaller backbone for CPU runs")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing")
     ap.add_argument("--timing", action="store_true", help="time whole-scan inference")

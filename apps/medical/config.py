@@ -76,6 +76,8 @@ class DetectorConfig:
     over whole scans with windows every ``infer_stride_zyx`` voxels (default ``stride_zyx``).
     ``train_minutes`` stops training after that wall time (None: run all epochs).
     ``nms_grid_mm``: NMS radii tried on the validation series (``data.val_fraction``).
+    ``tta_flips`` (dense only): average the heat maps of the scan and of its z, y and x
+    flips at inference (4x the work).
     """
 
     kind: str = "token"
@@ -86,6 +88,7 @@ class DetectorConfig:
     infer_stride_zyx: tuple[int, int, int] | None = None
     train_minutes: float | None = None
     nms_grid_mm: tuple[float, ...] = ()
+    tta_flips: bool = False
     crop_zyx: tuple[int, int, int] = (32, 32, 32)
     patch_zyx: tuple[int, int, int] = (4, 4, 4)
     stride_zyx: tuple[int, int, int] = (24, 24, 24)

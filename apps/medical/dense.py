@@ -390,6 +390,7 @@ def sliding_window_dense(
     crop_zyx: Sequence[int],
     stride_zyx: Sequence[int],
     batch_size: int = 8,
+    tta_flips: bool = False,
 ) -> torch.Tensor:
     """Probability ``[Z, Y, X]`` (on the model's device) of a whole volume.
 
@@ -398,7 +399,21 @@ def sliding_window_dense(
     a Gaussian importance map (a window's border tokens lack context), averaged. Windows
     whose image is all zero (outside the masked lung field) are skipped and score 0. bf16
     autocast on CUDA.
+
+    ``tta_flips``: also score the volume flipped along z, y and x (one axis at a time) and
+    average the four maps, each flipped back. Sound because the filter-bank features are
+    flip-equivariant (symmetric Gaussians; Hessian eigenvalues do not change under an axis
+    reflection), so the flipped scan's features are the flipped features. 4x the work.
     """
+    if tta_flips:
+        maps = [sliding_window_dense(model, image_ZYX, crop_zyx, stride_zyx, batch_size)]
+        vol_ZYX = torch.as_tensor(image_ZYX)
+        for axis in range(3):
+            flipped = vol_ZYX.flip(axis).contiguous()
+            maps.append(
+                sliding_window_dense(model, flipped, crop_zyx, stride_zyx, batch_size).flip(axis)
+            )
+        return torch.stack(maps).mean(0)
     device = next(model.parameters()).device
     model.eval()
     vol = torch.as_tensor(image_ZYX, dtype=torch.float32).to(device)
@@ -504,9 +519,10 @@ def detect_scan_dense(
     max_candidates: int = 100,
     refine: bool = True,
     batch_size: int = 8,
+    tta_flips: bool = False,
 ) -> pd.DataFrame:
     """Dense heat map of a prepared scan -> stage-1 candidates (see :func:`candidates_from_heatmap`)."""
-    prob = sliding_window_dense(model, scan.image, crop_zyx, stride_zyx, batch_size)
+    prob = sliding_window_dense(model, scan.image, crop_zyx, stride_zyx, batch_size, tta_flips)
     return candidates_from_heatmap(prob, scan, threshold, nms_radius_mm, max_candidates, refine)
 
 

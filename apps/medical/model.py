@@ -297,6 +297,7 @@ def detect_scan(
     max_candidates: int = 100,
     refine: bool = True,
     batch_size: int = 8,
+    tta_flips: bool = False,
 ) -> pd.DataFrame:
     """Stage-1 candidates of one prepared scan: ``seriesuid, coordX/Y/Z (world mm),
     probability`` plus ``z, y, x`` (voxel index on the prepared grid, for stage 2).
@@ -314,7 +315,10 @@ def detect_scan(
             max_candidates,
             refine,
             batch_size,
+            tta_flips,
         )
+    if tta_flips:
+        raise ValueError("detector.tta_flips needs detector.kind='dense' (the token head has none)")
     prob, offset = sliding_window_heatmap(model, scan.image, crop_zyx, stride_zyx, batch_size)
     p = np.asarray(model.patch_zyx, dtype=np.float64)
     tok, val = local_maxima(prob.astype(np.float64), (1, 1, 1), threshold)

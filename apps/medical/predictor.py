@@ -121,6 +121,7 @@ class NoduleDetector:
             dc.max_candidates,
             self.config.refine_centroid,
             dc.batch_size,
+            dc.tta_flips,
         )
         if self.fp_model is not None and self.config.fp_reduction.enabled and len(cands):
             pts = cands[["z", "y", "x"]].to_numpy()

@@ -348,7 +348,12 @@ def tune_nms_radius(
     model.to(device)
     maps = [
         sliding_window_dense(
-            model, s.image, dc.crop_zyx, dc.infer_stride_zyx or dc.stride_zyx, dc.batch_size
+            model,
+            s.image,
+            dc.crop_zyx,
+            dc.infer_stride_zyx or dc.stride_zyx,
+            dc.batch_size,
+            dc.tta_flips,
         ).cpu()
         for s in val_scans
     ]
