@@ -24,6 +24,13 @@ rows; medical: stage-1 crops, capped at 1,024). Batch scoring runs large batches
 oriented so higher is better (maintenance: teacher_rmse / student_rmse; fraud and
 medical: student / teacher).
 
+Fraud: the student is the teacher's backbone shrunk to ``--fraud-student-d`` x
+``--fraud-student-layers`` (dense); its teacher term is ``--fraud-distill-kind`` (``binary``:
+tempered two-class KL; ``regression``: ``--fraud-distill-loss`` on the logit), optionally
+weighted per row like the task loss (``--fraud-class-weighted``: frauds by ``pos_weight``).
+Both students keep their best epoch by validation AP. ``--fraud-teacher-dir`` saves the
+teacher after training and reuses it in later runs with the same config, epochs and seed.
+
 Medical uses the token detector with FP reduction (what ``apps/medical/distillation.py``
 distils; the dense detector is not distillable), the ``synthetic_bench`` sizes for the
 teacher and dense d=32 2-block students, on the npz phantoms of ``bench/medical_bench.py``
@@ -558,7 +565,9 @@ def fraud_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         teacher.model.d_model, teacher.model.ffn_hidden = 32, 64
         teacher.model.moe.expert_hidden = 32
     student = copy.deepcopy(teacher)
-    student.model = dense_student_model(teacher.model, 16, n_layers=1)
+    student.model = dense_student_model(
+        teacher.model, args.fraud_student_d, n_layers=args.fraud_student_layers
+    )
     _device_trainer(teacher, args.device, args.fraud_teacher_epochs, args.precision)
     _device_trainer(student, args.device, args.fraud_student_epochs, args.precision)
     return teacher, student
@@ -581,6 +590,66 @@ def _fraud_row(
     return row
 
 
+def fraud_distill_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``DistillConfig`` of the fraud student (``--alpha``, ``--fraud-distill-*``)."""
+    return {
+        "alpha": args.alpha,
+        "kind": args.fraud_distill_kind,
+        "regression_loss": args.fraud_distill_loss,
+        "temperature": args.fraud_temperature,
+    }
+
+
+def _fraud_teacher_meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "config": args.fraud_config,
+        "epochs": args.fraud_teacher_epochs,
+        "seed": args.seed,
+        "tiny": args.tiny,
+        "precision": args.precision,
+    }
+
+
+def fraud_teacher(
+    args: argparse.Namespace, tcfg: Any, dev: str | None
+) -> tuple[Any, Any, Any, Any]:
+    """``(predictor, data, test-block evaluation, teacher inputs)``: trained here, or loaded
+    from ``--fraud-teacher-dir`` when that folder holds a teacher saved by an earlier run
+    with the same config, epochs, seed and precision (saved there after training
+    otherwise). Reusing a teacher changes nothing in the protocol: the saved predictor has
+    the input builder fitted on the training rows, and its test metrics are recomputed."""
+    from apps.fraud.predictor import FraudPredictor
+    from apps.fraud.training import evaluate_inputs, fit, load_data
+
+    folder = Path(args.fraud_teacher_dir) if args.fraud_teacher_dir else None
+    meta = _fraud_teacher_meta(args)
+    if folder is not None and (folder / "bench_meta.json").exists():
+        saved = json.loads((folder / "bench_meta.json").read_text())
+        if saved != meta:
+            raise ValueError(
+                f"{folder}: the saved teacher was trained with {saved}, this run needs {meta};"
+                " use another --fraud-teacher-dir"
+            )
+        say(f"fraud: teacher loaded from {folder}")
+        predictor = FraudPredictor.load(folder)
+        data = load_data(tcfg)
+        inputs = predictor.inputs.transform(data.frame)
+        return (
+            predictor,
+            data,
+            evaluate_inputs(tcfg, data, predictor, inputs, figures=False),
+            inputs,
+        )
+    say("fraud: teacher")
+    tout = fit(tcfg, device=dev)
+    if folder is not None:
+        tout.predictor.save(folder)
+        tmp = folder / "bench_meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(folder / "bench_meta.json")  # atomic: the folder is complete only now
+    return tout.predictor, tout.data, tout.evaluation, tout.inputs
+
+
 def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     try:
         from apps.fraud.distillation import distill_fit_predictor
@@ -589,24 +658,30 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
         print(f"fraud skipped: {err}", flush=True)
         return {}
     tcfg, scfg = fraud_configs(args)
-    say("fraud: teacher")
     dev = "cuda" if args.device == "cuda" else None
     t0 = time.perf_counter()
-    tout = fit(tcfg, device=dev)
+    teacher, data, t_ev, t_inputs = fraud_teacher(args, tcfg, dev)
     t_teacher = time.perf_counter() - t0
-    data = tout.data
     say("fraud: distilled student")
+    dcfg = fraud_distill_config(args)
     t0 = time.perf_counter()
-    dout = distill_fit_predictor(scfg, tout.predictor, {"alpha": args.alpha}, data=data, device=dev)
+    dout = distill_fit_predictor(
+        scfg,
+        teacher,
+        dcfg,
+        data=data,
+        device=dev,
+        class_weighted=args.fraud_class_weighted,
+    )
     t_distill = time.perf_counter() - t0
     say("fraud: scratch student")
     t0 = time.perf_counter()
     sout = fit(scfg, data=data, device=dev)
     t_scratch = time.perf_counter() - t0
-    test_inputs = tout.inputs.take(data.split.test)
+    test_inputs = t_inputs.take(data.split.test)
     s_ev = evaluate_inputs(scfg, data, sout.predictor, sout.inputs, figures=False)
     rows = [
-        _fraud_row("teacher", tout.predictor, tout.evaluation, test_inputs, args),
+        _fraud_row("teacher", teacher, t_ev, test_inputs, args),
         _fraud_row("student_distilled", dout.predictor, dout.evaluation, test_inputs, args),
         _fraud_row(
             "student_scratch",
@@ -621,12 +696,25 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "teacher_over_student_active_params": ratio,
         "scratch_retention": rows[2]["pr_auc"] / rows[0]["pr_auc"],
+        "distilled_beats_scratch": rows[1]["pr_auc"] > rows[2]["pr_auc"],
         "throughput": throughput_summary(rows, "rows_per_s"),
         "alpha": args.alpha,
+        "distill_config": dcfg,
+        "class_weighted": args.fraud_class_weighted,
+        "student": {"d_model": args.fraud_student_d, "n_layers": args.fraud_student_layers},
+        "best_epoch": {
+            "student_distilled": dout.extra.get("best_epoch"),
+            "student_scratch": sout.extra.get("best_epoch"),
+        },
+        "best_val_ap": {
+            "student_distilled": dout.extra.get("best_val_ap"),
+            "student_scratch": sout.extra.get("best_val_ap"),
+        },
+        "teacher_dir": args.fraud_teacher_dir,
         "config": args.fraud_config,
         "epochs": {"teacher": args.fraud_teacher_epochs, "student": args.fraud_student_epochs},
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
-        "protocol": tout.evaluation.protocol,
+        "protocol": t_ev.protocol,
         "machine": machine(),
         "seed": args.seed,
     }
@@ -647,6 +735,9 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
     t = MedicalConfig.named("synthetic_bench")
     t.data.generate, t.data.root = None, str(root)
     t.detector.kind = "token"
+    # the token detector's grid (synthetic_bench moved the dense detector to 2 mm / 36^3)
+    t.spacing_zyx = (3.0, 3.0, 3.0)
+    t.detector.crop_zyx, t.detector.stride_zyx = (24, 24, 24), (16, 16, 16)
     t.fp_reduction.enabled = True
     t.seed = args.seed
     if args.tiny:
@@ -1049,6 +1140,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fraud-config", default="demo", help="demo | ulb | handbook | YAML")
     ap.add_argument("--fraud-teacher-epochs", type=int, default=5)
     ap.add_argument("--fraud-student-epochs", type=int, default=5)
+    ap.add_argument("--fraud-student-d", type=int, default=16, help="fraud student d_model")
+    ap.add_argument("--fraud-student-layers", type=int, default=1, help="fraud student blocks")
+    ap.add_argument(
+        "--fraud-distill-kind",
+        default="binary",
+        choices=["binary", "regression"],
+        help="fraud teacher term: tempered two-class KL or regression on the logit",
+    )
+    ap.add_argument("--fraud-distill-loss", default="mse", choices=["mse", "huber"])
+    ap.add_argument("--fraud-temperature", type=float, default=2.0, help="binary KL only")
+    ap.add_argument(
+        "--fraud-class-weighted",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="weight the teacher term per row like the task loss (frauds by pos_weight)",
+    )
+    ap.add_argument(
+        "--fraud-teacher-dir",
+        default=None,
+        help="reuse the fraud teacher saved here by an earlier run (saved here if absent)",
+    )
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:

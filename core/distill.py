@@ -15,6 +15,11 @@ Three signals, combined by :class:`DistillationModule`:
 * **Stored soft labels**: :func:`produce_soft_labels` runs the teacher once over a dataset;
   :class:`SoftLabelDataset` serves those logits next to the inputs, so a student can train
   on unlabeled data (``alpha=1``) without the teacher in memory.
+* **Per-row weights** (optional): a batch key (``DistillConfig.sample_weight_key``) with one
+  non-negative weight per row turns the teacher term's mean over rows into a weighted mean
+  ``sum(w * l) / sum(w)``. With rare positives (fraud: ~0.2 % of rows) an unweighted mean
+  is dominated by the easy negatives while the task loss is class-weighted; the weights let
+  the teacher term follow the same class balance.
 
 The teacher is never a registered submodule of the student's module: it is stored with
 ``object.__setattr__``, so it is absent from ``state_dict``, ``parameters()`` (the optimizer
@@ -57,7 +62,9 @@ class DistillConfig(YamlConfig):
     hidden-state index, where index 0 is the embeddings and ``i`` the output of block ``i``
     (``BackboneOutput.hidden_states`` numbering). ``normalize_hidden``: layer-norm both sides
     (no affine) before the MSE. ``soft_label_key``: batch key holding stored teacher logits;
-    when present the teacher is not run.
+    when present the teacher is not run. ``sample_weight_key``: batch key holding one
+    non-negative weight per row (shape ``[B]``); when present the teacher term is the
+    weighted mean over rows (every leading position of row ``b`` gets ``w[b]``).
     """
 
     alpha: float = 0.5
@@ -69,6 +76,7 @@ class DistillConfig(YamlConfig):
     layer_map: dict[int, int] = field(default_factory=dict)
     normalize_hidden: bool = True
     soft_label_key: str = "soft_labels"
+    sample_weight_key: str = "sample_weight"
     column_kinds: list[str] = field(default_factory=list)
     logits_key: str = "logits"
 
@@ -101,23 +109,49 @@ class DistillConfig(YamlConfig):
 # ============================================================================ losses
 
 
-def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def weighted_row_mean(loss_rows: Tensor, weight_B: Tensor | None) -> Tensor:
+    """Mean of per-row losses ``[B, ...]``; with ``weight_B`` (``[B]``, >= 0) the weighted
+    mean ``sum(w * l) / sum(w)``, each leading position of row ``b`` weighted ``w[b]``."""
+    loss_rows = loss_rows.float()
+    if weight_B is None:
+        return loss_rows.mean()
+    w = weight_B.to(device=loss_rows.device, dtype=torch.float32)
+    B = loss_rows.shape[0] if loss_rows.dim() else 1
+    if w.dim() != 1 or w.shape[0] != B:
+        raise KeelInputError(
+            f"sample weights must have shape [{B}] (one per row), got {tuple(w.shape)}"
+        )
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise KeelInputError("sample weights must be finite and >= 0")
+    w_full = w.reshape(B, *([1] * (loss_rows.dim() - 1))).expand_as(loss_rows)
+    total = w_full.sum()
+    if float(total) <= 0:
+        raise KeelInputError("sample weights of a batch sum to 0: no row would count")
+    return (w_full * loss_rows).sum() / total
+
+
+def soft_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    weight_B: Tensor | None = None,
+) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last dim, mean over all rows.
 
-    Logits ``[..., C]``; leading dims are flattened into rows ("batchmean" per row). The log
-    softmaxes are taken in float32: under bf16 autocast the small probabilities of a
-    confident teacher would round to 0 and the KL would lose exactly the "dark knowledge".
+    Logits ``[..., C]``; the KL is taken per leading position and averaged ("batchmean"),
+    or weighted by ``weight_B`` (:func:`weighted_row_mean`). The log softmaxes are taken in
+    float32: under bf16 autocast the small probabilities of a confident teacher would round
+    to 0 and the KL would lose exactly the "dark knowledge".
     """
     if student_logits.shape != teacher_logits.shape:
         raise KeelInputError(
             f"student logits {tuple(student_logits.shape)} and teacher logits"
             f" {tuple(teacher_logits.shape)} must have the same shape"
         )
-    C = student_logits.shape[-1]
-    log_p_s_NC = F.log_softmax(student_logits.float().reshape(-1, C) / temperature, dim=-1)
-    log_p_t_NC = F.log_softmax(teacher_logits.float().reshape(-1, C) / temperature, dim=-1)
-    kl = F.kl_div(log_p_s_NC, log_p_t_NC, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl_rows = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    return weighted_row_mean(kl_rows, weight_B) * temperature**2
 
 
 def _binary_as_two_class(logits: Tensor) -> Tensor:
@@ -164,8 +198,12 @@ def regression_distillation_loss(
     alpha: float,
     loss: str = "mse",
     huber_delta: float = 1.0,
+    weight_B: Tensor | None = None,
 ) -> Tensor:
-    """``alpha * MSE|Huber(student, teacher) + (1 - alpha) * task_loss`` (no temperature)."""
+    """``alpha * MSE|Huber(student, teacher) + (1 - alpha) * task_loss`` (no temperature).
+
+    The teacher term is the mean over all elements, or with ``weight_B`` the weighted mean
+    over rows of each row's mean error (:func:`weighted_row_mean`)."""
     if student_pred.shape != teacher_pred.shape:
         raise KeelInputError(
             f"student predictions {tuple(student_pred.shape)} and teacher predictions"
@@ -173,11 +211,15 @@ def regression_distillation_loss(
         )
     s, t = student_pred.float(), teacher_pred.float()
     if loss == "mse":
-        soft = F.mse_loss(s, t)
+        err = F.mse_loss(s, t, reduction="none")
     elif loss == "huber":
-        soft = F.huber_loss(s, t, delta=huber_delta)
+        err = F.huber_loss(s, t, delta=huber_delta, reduction="none")
     else:
         raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {loss!r}")
+    if weight_B is None:
+        soft = err.mean()
+    else:
+        soft = weighted_row_mean(err.reshape(err.shape[0], -1).mean(-1), weight_B)
     return alpha * soft + (1.0 - alpha) * task_loss
 
 
@@ -188,8 +230,14 @@ def resolve_kind(kind: str, preds: Tensor) -> str:
     return "binary" if preds.dim() == 1 or preds.shape[-1] == 1 else "softmax"
 
 
-def teacher_term(student_preds: Tensor, teacher_preds: Tensor, cfg: DistillConfig) -> Tensor:
-    """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind`` (or per column)."""
+def teacher_term(
+    student_preds: Tensor,
+    teacher_preds: Tensor,
+    cfg: DistillConfig,
+    weight_B: Tensor | None = None,
+) -> Tensor:
+    """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind`` (or per column);
+    a weighted mean over rows when ``weight_B`` (one weight per row) is given."""
     if cfg.column_kinds:
         C = len(cfg.column_kinds)
         if student_preds.shape[-1] != C or teacher_preds.shape != student_preds.shape:
@@ -203,21 +251,23 @@ def teacher_term(student_preds: Tensor, teacher_preds: Tensor, cfg: DistillConfi
                 student_preds[..., c],
                 teacher_preds[..., c],
                 dataclasses.replace(cfg, kind=kind, column_kinds=[]),
+                weight_B,
             )
             for c, kind in enumerate(cfg.column_kinds)
         ]
         return torch.stack(terms).mean()
     kind = resolve_kind(cfg.kind, student_preds)
     if kind == "softmax":
-        return soft_kl(student_preds, teacher_preds, cfg.temperature)
+        return soft_kl(student_preds, teacher_preds, cfg.temperature, weight_B)
     if kind == "binary":
         return soft_kl(
             _binary_as_two_class(student_preds),
             _binary_as_two_class(teacher_preds),
             cfg.temperature,
+            weight_B,
         )
     return regression_distillation_loss(
-        student_preds, teacher_preds, 0.0, 1.0, cfg.regression_loss, cfg.huber_delta
+        student_preds, teacher_preds, 0.0, 1.0, cfg.regression_loss, cfg.huber_delta, weight_B
     )
 
 
@@ -410,8 +460,11 @@ class DistillationModule(lightning.LightningModule):
         key = cfg.logits_key
         teacher_logits = (stored if stored is not None else _logits_of(t_preds, key)).detach()
         student_logits = _logits_of(s_preds, key)
+        weight_B = batch.get(cfg.sample_weight_key) if isinstance(batch, Mapping) else None
         parts = {
-            "distill": teacher_term(student_logits, teacher_logits.to(student_logits.device), cfg)
+            "distill": teacher_term(
+                student_logits, teacher_logits.to(student_logits.device), cfg, weight_B
+            )
         }
         total = cfg.alpha * parts["distill"]
         if cfg.alpha < 1.0:
@@ -462,6 +515,23 @@ class DistillationModule(lightning.LightningModule):
                 sync_dist=True,
             )
         return parts["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self.student.on_validation_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        """Run the student's own epoch-end hook, where whole-block validation metrics that
+        do not decompose over batches (fraud ``val/ap``) are computed and logged. Lightning
+        calls hooks on this module only, so without this a student's best-epoch selection
+        (``KeepBestWeights`` on ``val/ap``) would never see its metric. The student logs
+        through the same trainer, under this hook's name."""
+        student = self.student
+        previous = student._current_fx_name
+        student._current_fx_name = self._current_fx_name
+        try:
+            student.on_validation_epoch_end()
+        finally:
+            student._current_fx_name = previous
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         return self.student(batch)
@@ -597,4 +667,5 @@ __all__ = [
     "regression_distillation_loss",
     "soft_kl",
     "teacher_term",
+    "weighted_row_mean",
 ]

@@ -12,6 +12,14 @@ rows that are validation or test rows here (the protocol text says which teacher
 The teacher's output is one fraud logit per transaction; the soft target is the tempered
 two-class KL (``DistillConfig.kind = "binary"`` when left ``auto``). No LightGBM baseline
 is fitted (the student competes with its teacher, not with the baseline). No MLflow here.
+
+Like :func:`apps.fraud.training.fit`, the student's best epoch is chosen by validation AP
+(``head.select_best``, with ``head.weight_average`` when set), so a distilled and a
+scratch student differ only in their loss. The teacher's logits are computed once for the
+training and validation rows and served as stored soft labels (the teacher is in eval
+mode, so this is the same target as running it in every step, at a fraction of the cost).
+``class_weighted=True`` weights each row's teacher term like the task loss weights its
+classes (frauds ``pos_weight``, legitimate rows 1; ``DistillConfig.sample_weight_key``).
 """
 
 from __future__ import annotations
@@ -19,13 +27,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudDataError
 from apps.fraud.model import FraudModel, loader, predict_logits
 from apps.fraud.predictor import FraudPredictor
 from apps.fraud.training import (
+    KeepBestWeights,
     PreparedData,
+    averaged_weights,
     build_model,
     choose_threshold,
     evaluate_inputs,
@@ -55,6 +67,7 @@ class DistillOutput:
     evaluation: EvalResult
     student_active_params: int
     teacher_active_params: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def distill_fit_predictor(
@@ -64,8 +77,12 @@ def distill_fit_predictor(
     logger: Any = False,
     data: PreparedData | None = None,
     device: str | None = None,
+    class_weighted: bool = False,
 ) -> DistillOutput:
-    """Train the student of ``cfg`` against ``teacher``; calibrate + threshold on validation."""
+    """Train the student of ``cfg`` against ``teacher``; calibrate + threshold on validation.
+
+    ``class_weighted``: weight the teacher term per row like the task loss (frauds by the
+    training rows' ``pos_weight``, legitimate rows by 1)."""
     if not isinstance(teacher, FraudPredictor):
         raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
     dcfg = default_distill_config(distill_cfg)
@@ -83,10 +100,22 @@ def distill_fit_predictor(
     rows, pos_weight = training_rows(data, cfg)
     train = {**mi.take(rows), "y": data.y[rows]}
     valid = {**mi.take(split.valid), "y": data.y[split.valid]}
+    if dcfg.hidden_weight == 0:  # the teacher is needed in every step only for hidden states
+        for arrays in (train, valid):
+            t_logits = predict_logits(teacher.model, {k: v for k, v in arrays.items() if k != "y"})
+            arrays[dcfg.soft_label_key] = t_logits.astype(np.float32)
+    if class_weighted:
+        for arrays in (train, valid):
+            weight = np.where(arrays["y"] == 1, pos_weight, 1.0).astype(np.float32)
+            arrays[dcfg.sample_weight_key] = weight
     trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)
     if device is not None:
         trainer_cfg = dataclasses.replace(trainer_cfg, accelerator=device)
     student = build_student(cfg, teacher, pos_weight)
+    average = averaged_weights(cfg)
+    callbacks: list[Any] = [average] if average else []
+    keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
+    callbacks += [keep_best] if keep_best else []  # after the average, as in training.fit
     student = distill_fit(
         student,
         teacher.model,
@@ -95,6 +124,7 @@ def distill_fit_predictor(
         trainer_cfg,
         dcfg,
         logger,
+        extra_callbacks=callbacks,
     )
     val_logits = predict_logits(student, mi.take(split.valid))
     calib = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
@@ -113,10 +143,19 @@ def distill_fit_predictor(
     ev = evaluate_inputs(cfg, data, predictor, mi)
     ev.protocol += (
         " Distilled student: features from the teacher's fitted input builder;"
-        f" distillation {dcfg.to_dict()}."
+        f" distillation {dcfg.to_dict()}, class-weighted teacher term {class_weighted}"
+        + (f"; best epoch {keep_best.best_epoch} by {keep_best.monitor}." if keep_best else ".")
     )
+    extra = {"pos_weight": pos_weight, "class_weighted": class_weighted}
+    if keep_best is not None:
+        extra.update(best_epoch=keep_best.best_epoch, best_val_ap=keep_best.best)
     return DistillOutput(
-        predictor, data, ev, count_active_params(student), count_active_params(teacher.model)
+        predictor,
+        data,
+        ev,
+        count_active_params(student),
+        count_active_params(teacher.model),
+        extra,
     )
 
 

@@ -1,0 +1,120 @@
+"""Per-row weights of the distillation teacher term (``DistillConfig.sample_weight_key``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from core.config import AttentionConfig, BackboneConfig
+from core.distill import (
+    DistillationModule,
+    DistillConfig,
+    regression_distillation_loss,
+    soft_kl,
+    teacher_term,
+)
+from core.engine import OptimConfig
+from core.errors import KeelInputError
+from core.examples.synthetic import SyntheticClassifier, _DictDataset, _tensors, make_frame
+
+torch.set_num_threads(1)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _hand_binary_kl(s: float, t: float, T: float) -> float:
+    """KL([p_t, 1 - p_t] || [p_s, 1 - p_s]) with p = sigmoid(z / T), in plain floats."""
+    p_s, p_t = _sigmoid(s / T), _sigmoid(t / T)
+    return p_t * math.log(p_t / p_s) + (1 - p_t) * math.log((1 - p_t) / (1 - p_s))
+
+
+def test_weighted_binary_kl_matches_hand_computation() -> None:
+    s, t, w, T = [0.5, -1.0, 3.0], [2.0, -3.0, 1.0], [3.0, 1.0, 0.0], 2.0
+    cfg = DistillConfig(kind="binary", temperature=T)
+    got = float(teacher_term(torch.tensor(s), torch.tensor(t), cfg, torch.tensor(w)))
+    kls = [_hand_binary_kl(a, b, T) for a, b in zip(s, t, strict=True)]
+    # row 2 has weight 0: it must not count at all
+    expected = T**2 * (3.0 * kls[0] + 1.0 * kls[1]) / 4.0
+    assert got == pytest.approx(expected, rel=1e-5)
+    # unit weights = the unweighted mean (the existing behaviour)
+    ones = torch.ones(3)
+    unweighted = float(teacher_term(torch.tensor(s), torch.tensor(t), cfg))
+    assert float(teacher_term(torch.tensor(s), torch.tensor(t), cfg, ones)) == pytest.approx(
+        unweighted, rel=1e-6
+    )
+    assert unweighted == pytest.approx(T**2 * sum(kls) / 3.0, rel=1e-5)
+
+
+def test_weighted_regression_terms_match_hand_computation() -> None:
+    s, t, w = (
+        torch.tensor([1.0, 2.0, 3.0]),
+        torch.tensor([0.0, 0.0, 1.0]),
+        torch.tensor([1.0, 0.0, 2.0]),
+    )
+    mse = DistillConfig(kind="regression", regression_loss="mse")
+    # squared errors 1, 4, 4 weighted 1, 0, 2: (1 + 8) / 3
+    assert float(teacher_term(s, t, mse, w)) == pytest.approx(3.0, rel=1e-6)
+    huber = DistillConfig(kind="regression", regression_loss="huber", huber_delta=1.0)
+    # huber(1) = 0.5, huber(2) = 2 - 0.5 = 1.5 (twice): (0.5 + 0 + 2 * 1.5) / 3
+    assert float(teacher_term(s, t, huber, w)) == pytest.approx(3.5 / 3.0, rel=1e-6)
+    # multi-output rows: each row's mean error, weighted by row
+    s2, t2 = torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    got = float(
+        regression_distillation_loss(s2, t2, 0.0, 1.0, "mse", weight_B=torch.tensor([1.0, 3.0]))
+    )
+    assert got == pytest.approx((5.0 * 1 + 0.0 * 3) / 4.0, rel=1e-6)
+
+
+def test_weighted_softmax_kl_broadcasts_over_token_positions() -> None:
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    w = torch.tensor([2.0, 0.0])
+    # weight 0 on row 1: the weighted mean is row 0's mean over its three positions
+    assert float(soft_kl(s, t, 2.0, w)) == pytest.approx(
+        float(soft_kl(s[:1], t[:1], 2.0)), rel=1e-5
+    )
+
+
+def test_bad_weights_are_rejected() -> None:
+    cfg = DistillConfig(kind="regression")
+    s, t = torch.zeros(3), torch.ones(3)
+    with pytest.raises(KeelInputError, match=r"shape \[3\]"):
+        teacher_term(s, t, cfg, torch.ones(2))
+    with pytest.raises(KeelInputError, match=">= 0"):
+        teacher_term(s, t, cfg, torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(KeelInputError, match="sum to 0"):
+        teacher_term(s, t, cfg, torch.zeros(3))
+
+
+def _model(d: int, seed: int) -> SyntheticClassifier:
+    torch.manual_seed(seed)
+    bb = BackboneConfig(
+        d_model=d, n_layers=1, ffn_hidden=2 * d, attention=AttentionConfig(n_heads=2)
+    ).to_dict()
+    return SyntheticClassifier(bb, OptimConfig().to_dict()).eval()
+
+
+def test_module_reads_sample_weights_from_the_batch() -> None:
+    teacher, student = _model(16, 0), _model(8, 1)
+    frame = make_frame(32, 3)
+    batch = next(iter(DataLoader(_DictDataset(_tensors(frame)), batch_size=32)))
+    cfg = DistillConfig(alpha=1.0, kind="binary", temperature=2.0)
+    module = DistillationModule(student, teacher, cfg)
+    with torch.no_grad():
+        s_z, t_z = student(batch).tolist(), teacher(batch).tolist()
+    kls = [_hand_binary_kl(a, b, 2.0) for a, b in zip(s_z, t_z, strict=True)]
+    # most weight on the row the student matches worst, so weighting visibly matters
+    w = torch.full((32,), 0.1)
+    w[max(range(32), key=kls.__getitem__)] = 5.0
+    with torch.no_grad():
+        weighted = float(module.losses({**batch, "sample_weight": w})["distill"])
+        plain = float(module.losses(batch)["distill"])
+    expected = 4.0 * sum(wi * k for wi, k in zip(w.tolist(), kls, strict=True)) / float(w.sum())
+    assert weighted == pytest.approx(expected, rel=1e-5)
+    assert plain == pytest.approx(4.0 * sum(kls) / 32, rel=1e-5)
+    assert abs(expected - plain) > 1e-4  # the weights changed the loss
