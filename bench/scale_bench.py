@@ -741,17 +741,24 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
 
     t = MedicalConfig.named("synthetic_bench")
     t.data.generate, t.data.root = None, str(root)
-    t.detector.kind = "token"
-    # the token detector's grid (synthetic_bench moved the dense detector to 2 mm / 36^3)
-    t.spacing_zyx = (3.0, 3.0, 3.0)
-    t.detector.crop_zyx, t.detector.stride_zyx = (24, 24, 24), (16, 16, 16)
-    t.fp_reduction.enabled = True
+    dense = args.medical_detector == "dense"
+    if dense:  # the shipped detector: voxel heat map, no stage 2 (as synthetic_bench)
+        t.fp_reduction.enabled = False
+        t.detector.train_minutes = args.medical_minutes
+    else:
+        t.detector.kind = "token"
+        t.fp_reduction.enabled = True
+    if not dense or args.medical_grid_mm == 3.0:
+        # the 3 mm grid (synthetic_bench moved the dense detector to 2 mm / 36^3)
+        t.spacing_zyx = (3.0, 3.0, 3.0)
+        t.detector.crop_zyx, t.detector.stride_zyx = (24, 24, 24), (16, 16, 16)
     t.seed = args.seed
     if args.tiny:
         t.spacing_zyx = (8.0, 8.0, 8.0)
         t.detector.crop_zyx, t.detector.stride_zyx = (16, 16, 16), (16, 16, 16)
         t.detector.crops_per_nodule, t.detector.neg_crops_per_scan = 2, 2
         t.detector.batch_size, t.detector.threshold = 4, 0.0
+        t.detector.samples_per_epoch, t.detector.stem_channels = 32, 4
         t.detector.max_candidates = 10
         t.fp_reduction.crop_zyx = (4, 4, 4)
         t.fp_reduction.crops_per_nodule, t.fp_reduction.random_neg_per_scan = 1, 2
@@ -885,7 +892,12 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         "n_train_series": len(train),
         "n_heldout_series": len(held),
         "n_heldout_nodules": len(held_truth.annotations),
-        "detector": "token heat map + FP reduction (synthetic_bench sizes for the teacher)",
+        "detector": (
+            f"dense voxel heat map, {tcfg.spacing_zyx[0]:g} mm grid, stage 1 only"
+            if args.medical_detector == "dense"
+            else "token heat map + FP reduction (synthetic_bench sizes for the teacher)"
+        ),
+        "minutes_per_model": args.medical_minutes,
         "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
         "machine": machine(),
         "seed": args.seed,
@@ -1145,6 +1157,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--medical-data", default=None, help="npz folder (medical_bench layout)")
     ap.add_argument("--medical-epochs", type=int, default=10, help="epochs per stage")
+    ap.add_argument(
+        "--medical-detector",
+        default="token",
+        choices=["token", "dense"],
+        help="dense: the shipped voxel heat map (stage 1 only), token: token heat map + FP",
+    )
+    ap.add_argument(
+        "--medical-minutes",
+        type=float,
+        default=None,
+        help="dense: wall-time budget per model (teacher, distilled, scratch); else epochs",
+    )
+    ap.add_argument(
+        "--medical-grid-mm",
+        type=float,
+        default=2.0,
+        choices=[2.0, 3.0],
+        help="dense: 2 (synthetic_bench, 36^3 crops) or 3 (24^3 crops, cheaper on a CPU)",
+    )
     ap.add_argument("--medical-student-d", type=int, default=32)
     ap.add_argument("--grow-budget", type=float, default=1.3, help="x scratch epochs")
     ap.add_argument("--fraud-config", default="demo", help="demo | ulb | handbook | YAML")

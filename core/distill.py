@@ -47,6 +47,7 @@ from core.errors import KeelInputError
 KINDS = ("auto", "softmax", "binary", "regression")
 REGRESSION_LOSSES = ("mse", "huber")
 COLUMN_KINDS = ("binary", "regression")
+POSITION_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -65,6 +66,11 @@ class DistillConfig(YamlConfig):
     when present the teacher is not run. ``sample_weight_key``: batch key holding one
     non-negative weight per row (shape ``[B]``); when present the teacher term is the
     weighted mean over rows (every leading position of row ``b`` gets ``w[b]``).
+    ``position_reduction``: how the teacher term reduces over the positions of one row
+    (tokens, voxels) before the mean over rows: ``mean`` (default) or ``sum``. ``sum`` is for
+    dense per-position heads whose task loss is a sum normalised by a few positives
+    (CenterNet's focal loss): a per-voxel mean would be ~1e-5 of that loss and the teacher
+    would be ignored.
     """
 
     alpha: float = 0.5
@@ -77,6 +83,7 @@ class DistillConfig(YamlConfig):
     normalize_hidden: bool = True
     soft_label_key: str = "soft_labels"
     sample_weight_key: str = "sample_weight"
+    position_reduction: str = "mean"
     column_kinds: list[str] = field(default_factory=list)
     logits_key: str = "logits"
 
@@ -98,6 +105,11 @@ class DistillConfig(YamlConfig):
                 f"DistillConfig.regression_loss must be one of {REGRESSION_LOSSES},"
                 f" got {self.regression_loss!r}"
             )
+        if self.position_reduction not in POSITION_REDUCTIONS:
+            raise ValueError(
+                f"DistillConfig.position_reduction must be one of {POSITION_REDUCTIONS},"
+                f" got {self.position_reduction!r}"
+            )
         if self.hidden_weight < 0:
             raise ValueError(f"DistillConfig.hidden_weight must be >= 0, got {self.hidden_weight}")
         # YAML keys may arrive as strings
@@ -109,10 +121,16 @@ class DistillConfig(YamlConfig):
 # ============================================================================ losses
 
 
-def weighted_row_mean(loss_rows: Tensor, weight_B: Tensor | None) -> Tensor:
+def weighted_row_mean(
+    loss_rows: Tensor, weight_B: Tensor | None, position_reduction: str = "mean"
+) -> Tensor:
     """Mean of per-row losses ``[B, ...]``; with ``weight_B`` (``[B]``, >= 0) the weighted
-    mean ``sum(w * l) / sum(w)``, each leading position of row ``b`` weighted ``w[b]``."""
+    mean ``sum(w * l) / sum(w)``, each leading position of row ``b`` weighted ``w[b]``.
+    ``position_reduction="sum"`` first sums each row over its positions (``[B, ...]`` ->
+    ``[B]``), so the result is the (weighted) mean over rows of per-row sums."""
     loss_rows = loss_rows.float()
+    if position_reduction == "sum" and loss_rows.dim() > 1:
+        loss_rows = loss_rows.reshape(loss_rows.shape[0], -1).sum(-1)
     if weight_B is None:
         return loss_rows.mean()
     w = weight_B.to(device=loss_rows.device, dtype=torch.float32)
@@ -135,6 +153,7 @@ def soft_kl(
     teacher_logits: Tensor,
     temperature: float,
     weight_B: Tensor | None = None,
+    position_reduction: str = "mean",
 ) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last dim, mean over all rows.
 
@@ -151,7 +170,7 @@ def soft_kl(
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl_rows = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
-    return weighted_row_mean(kl_rows, weight_B) * temperature**2
+    return weighted_row_mean(kl_rows, weight_B, position_reduction) * temperature**2
 
 
 def _binary_as_two_class(logits: Tensor) -> Tensor:
@@ -199,6 +218,7 @@ def regression_distillation_loss(
     loss: str = "mse",
     huber_delta: float = 1.0,
     weight_B: Tensor | None = None,
+    position_reduction: str = "mean",
 ) -> Tensor:
     """``alpha * MSE|Huber(student, teacher) + (1 - alpha) * task_loss`` (no temperature).
 
@@ -216,7 +236,9 @@ def regression_distillation_loss(
         err = F.huber_loss(s, t, delta=huber_delta, reduction="none")
     else:
         raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {loss!r}")
-    if weight_B is None:
+    if position_reduction == "sum":
+        soft = weighted_row_mean(err, weight_B, "sum")
+    elif weight_B is None:
         soft = err.mean()
     else:
         soft = weighted_row_mean(err.reshape(err.shape[0], -1).mean(-1), weight_B)
@@ -258,16 +280,26 @@ def teacher_term(
         return torch.stack(terms).mean()
     kind = resolve_kind(cfg.kind, student_preds)
     if kind == "softmax":
-        return soft_kl(student_preds, teacher_preds, cfg.temperature, weight_B)
+        return soft_kl(
+            student_preds, teacher_preds, cfg.temperature, weight_B, cfg.position_reduction
+        )
     if kind == "binary":
         return soft_kl(
             _binary_as_two_class(student_preds),
             _binary_as_two_class(teacher_preds),
             cfg.temperature,
             weight_B,
+            cfg.position_reduction,
         )
     return regression_distillation_loss(
-        student_preds, teacher_preds, 0.0, 1.0, cfg.regression_loss, cfg.huber_delta, weight_B
+        student_preds,
+        teacher_preds,
+        0.0,
+        1.0,
+        cfg.regression_loss,
+        cfg.huber_delta,
+        weight_B,
+        cfg.position_reduction,
     )
 
 

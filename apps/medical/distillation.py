@@ -12,6 +12,14 @@ Same protocol as :func:`apps.medical.spec.train`: crops from the TRAINING series
   the teacher's FP-reduction logit (binary KL). Skipped when the student config disables
   stage 2 or the teacher has none.
 
+A dense (per-voxel) detector (``detector.kind="dense"``, both sides) is distilled on the
+same random crops its own training uses (:func:`apps.medical.training.dense_crop_loader`):
+soft target = the teacher's voxel logits (tempered two-class KL per voxel), summed over each
+crop's voxels (``position_reduction="sum"``) so it has the scale of the CenterNet focal loss
+(a sum over voxels divided by the few centre voxels); the NMS radius is then chosen on the
+validation part of the training series, as :func:`apps.medical.training.fit_dense_detector`
+does.
+
 Teacher and student must use the same crop and patch sizes per stage (same tokens).
 No MLflow here.
 """
@@ -54,14 +62,12 @@ def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig) -> None:
             f"the teacher must be a NoduleDetector, got {type(teacher).__name__}"
         )
     tc = teacher.config
-    for who, kind in (("teacher", tc.detector.kind), ("student", cfg.detector.kind)):
-        if kind != "token":
-            # the student below is a NoduleHeatmapModel matched on per-token logits; a dense
-            # (per-voxel) detector has neither
-            raise MedicalDataError(
-                f"the {who} config has detector.kind={kind!r}: distillation supports the"
-                " token detector only (detector.kind='token')"
-            )
+    kinds = {tc.detector.kind, cfg.detector.kind}
+    if kinds - {"token", "dense"} or len(kinds) != 1:
+        raise MedicalDataError(
+            f"teacher detector.kind={tc.detector.kind!r} but the student config has"
+            f" {cfg.detector.kind!r}: both must be 'token' or both 'dense'"
+        )
     pairs = [
         ("detector.crop_zyx", tc.detector.crop_zyx, cfg.detector.crop_zyx),
         ("detector.patch_zyx", tc.detector.patch_zyx, cfg.detector.patch_zyx),
@@ -83,6 +89,67 @@ def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig) -> None:
 
 def _trainer_cfg(tc: Any, seed: int) -> Any:
     return dataclasses.replace(tc, seed=seed if tc.seed is not None else None)
+
+
+def _distill_token_detector(
+    cfg: MedicalConfig,
+    teacher: NoduleDetector,
+    scans: list[Any],
+    truth: Any,
+    d1: DistillConfig,
+    logger: Any,
+) -> NoduleHeatmapModel:
+    dc = cfg.detector
+    samples = detector_samples(cfg, scans, truth, np.random.default_rng(cfg.seed))
+    torch.manual_seed(cfg.seed)
+    det = NoduleHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.pos_weight, dc.offset_weight)
+    loader = DataLoader(
+        ArrayDataset(samples),
+        batch_size=dc.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return distill_fit(
+        det, teacher.detector, loader, None, _trainer_cfg(dc.trainer, cfg.seed), d1, logger
+    )
+
+
+def distill_dense_detector(
+    cfg: MedicalConfig,
+    teacher: NoduleDetector,
+    scans: list[Any],
+    truth: Any,
+    d1: DistillConfig,
+    logger: Any = None,
+) -> Any:
+    """Stage 1 of a dense student against the teacher's dense heat map, on the crops and
+    schedule (``train_minutes`` or epochs) that :func:`fit_dense_detector` would use, so a
+    scratch student of the same config gets the same budget. Mutates
+    ``cfg.detector.nms_radius_mm`` (chosen on the validation part), as training does."""
+    from apps.medical.dense import DenseHeatmapModel
+    from apps.medical.training import (
+        dense_crop_loader,
+        dense_trainer_config,
+        split_validation,
+        tune_nms_radius,
+    )
+
+    dc = cfg.detector
+    fit_scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
+    torch.manual_seed(cfg.seed)
+    student = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
+    if tuple(student.bank.sigmas) != tuple(teacher.detector.bank.sigmas):
+        raise MedicalDataError(
+            f"teacher filter-bank scales {teacher.detector.bank.sigmas} differ from the"
+            f" student's {student.bank.sigmas}: both read the same precomputed features"
+        )
+    loader = dense_crop_loader(cfg, fit_scans, truth, student.bank)
+    tc, extra = dense_trainer_config(cfg)
+    dense_cfg = dataclasses.replace(d1, position_reduction="sum")
+    student = distill_fit(student, teacher.detector, loader, None, tc, dense_cfg, logger, extra)
+    if val_scans and dc.nms_grid_mm:
+        dc.nms_radius_mm = tune_nms_radius(cfg, student, val_scans, truth)
+    return student
 
 
 @dataclasses.dataclass
@@ -111,19 +178,10 @@ def distill_fit_predictor(
     scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
     tr_truth = truth.subset(train_uids)
 
-    dc = cfg.detector
-    samples = detector_samples(cfg, scans, tr_truth, np.random.default_rng(cfg.seed))
-    torch.manual_seed(cfg.seed)
-    det = NoduleHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.pos_weight, dc.offset_weight)
-    loader = DataLoader(
-        ArrayDataset(samples),
-        batch_size=dc.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    det = distill_fit(
-        det, teacher.detector, loader, None, _trainer_cfg(dc.trainer, cfg.seed), d1, logger
-    )
+    if cfg.detector.kind == "dense":
+        det = distill_dense_detector(cfg, teacher, scans, tr_truth, d1, logger)
+    else:
+        det = _distill_token_detector(cfg, teacher, scans, tr_truth, d1, logger)
     fp = None
     teacher_params = count_active_params(teacher.detector)
     if cfg.fp_reduction.enabled and teacher.fp_model is not None:

@@ -270,42 +270,33 @@ def split_validation(
     ]
 
 
-def fit_dense_detector(
-    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
-) -> Any:
-    """Train :class:`apps.medical.dense.DenseHeatmapModel` on crops drawn on the fly from
-    the training scans, then (when a validation part exists) set ``cfg.detector.nms_radius_mm``
-    to the radius of ``nms_grid_mm`` with the best validation CPM. Mutates ``cfg`` on purpose:
-    the chosen radius is saved with the predictor's config."""
-    import datetime as dt
-
-    from lightning.pytorch.callbacks import Timer
-
-    from apps.medical.dense import DenseCropDataset, DenseHeatmapModel
+def dense_crop_loader(
+    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, bank: Any
+) -> DataLoader:
+    """Random training crops of ``scans`` (:class:`apps.medical.dense.DenseCropDataset`),
+    the filter ``bank`` run once per scan (on the GPU when there is one)."""
+    from apps.medical.dense import DenseCropDataset
 
     dc = cfg.detector
-    fit_scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
-    torch.manual_seed(cfg.seed)
-    model = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
     if torch.cuda.is_available():
-        model.bank.cuda()  # the dataset runs the filter bank once per scan
+        bank.cuda()  # the dataset runs the filter bank once per scan
     dataset = DenseCropDataset(
-        fit_scans,
-        [_nodules_of(truth, s) for s in fit_scans],
-        [findings_zyx(truth.excluded, s) for s in fit_scans],
+        scans,
+        [_nodules_of(truth, s) for s in scans],
+        [findings_zyx(truth.excluded, s) for s in scans],
         dc.crop_zyx,
         cfg.spacing_zyx,
         dc.samples_per_epoch,
         dc.pos_fraction,
         dc.sigma_mm,
         seed=cfg.seed,
-        bank=model.bank,
+        bank=bank,
     )
-    model.bank.cpu()
+    bank.cpu()
     workers = 0
     if torch.cuda.is_available():  # keep the GPU fed; each worker reseeds (see the dataset)
         workers = max(0, min(8, (os.cpu_count() or 1) - 2))
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=dc.batch_size,
         shuffle=False,
@@ -313,12 +304,40 @@ def fit_dense_detector(
         persistent_workers=workers > 0,
         pin_memory=workers > 0,
     )
+
+
+def dense_trainer_config(cfg: MedicalConfig) -> tuple[Any, list[Callback]]:
+    """The stage-1 ``TrainerConfig`` and callbacks: ``detector.train_minutes`` (when set)
+    replaces the epoch count by a wall-time budget."""
+    import datetime as dt
+
+    from lightning.pytorch.callbacks import Timer
+
+    dc = cfg.detector
     tc = _trainer_cfg(dc.trainer, cfg.seed)
-    extra: list[Any] = []
+    extra: list[Callback] = []
     if dc.train_minutes:
         tc = dataclasses.replace(tc, max_epochs=100_000)  # the budget decides the length
         extra.append(TimeBudget(float(dc.train_minutes)))
         extra.append(Timer(duration=dt.timedelta(minutes=float(dc.train_minutes) * 1.05)))
+    return tc, extra
+
+
+def fit_dense_detector(
+    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
+) -> Any:
+    """Train :class:`apps.medical.dense.DenseHeatmapModel` on crops drawn on the fly from
+    the training scans, then (when a validation part exists) set ``cfg.detector.nms_radius_mm``
+    to the radius of ``nms_grid_mm`` with the best validation CPM. Mutates ``cfg`` on purpose:
+    the chosen radius is saved with the predictor's config."""
+    from apps.medical.dense import DenseHeatmapModel
+
+    dc = cfg.detector
+    fit_scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
+    torch.manual_seed(cfg.seed)
+    model = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
+    loader = dense_crop_loader(cfg, fit_scans, truth, model.bank)
+    tc, extra = dense_trainer_config(cfg)
     trainer = build_trainer(tc, extra_callbacks=extra, logger=logger)
     t0 = time.monotonic()
     trainer.fit(model, train_dataloaders=loader)

@@ -110,9 +110,18 @@ def test_tiny_growth_run_records_the_control(tmp_path) -> None:
         assert value == pytest.approx(1 - d["flops_grow"] / d["flops_scratch"])
 
 
-def test_tiny_medical_distillation_rows(tmp_path) -> None:
-    args = _args("--apps", "medical", "--medical-data", str(tmp_path / "npz_data"))
+@pytest.mark.parametrize("detector", ["token", "dense"])
+def test_tiny_medical_distillation_rows(tmp_path, detector) -> None:
+    args = _args(
+        "--apps",
+        "medical",
+        "--medical-data",
+        str(tmp_path / "npz_data"),
+        "--medical-detector",
+        detector,
+    )
     value, d = sb.run_medical_distill(args)["medical_student_retention"]
+    assert d["detector"].startswith(detector)
     assert (tmp_path / "npz_data" / "npz").is_dir()  # the medical_bench npz layout
     names = [r["model"] for r in d["rows"]]
     assert names == ["teacher", "student_distilled", "student_scratch"]

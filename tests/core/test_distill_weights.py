@@ -118,3 +118,23 @@ def test_module_reads_sample_weights_from_the_batch() -> None:
     assert weighted == pytest.approx(expected, rel=1e-5)
     assert plain == pytest.approx(4.0 * sum(kls) / 32, rel=1e-5)
     assert abs(expected - plain) > 1e-4  # the weights changed the loss
+
+
+def test_position_sum_reduction_sums_each_row_then_averages_rows() -> None:
+    """``position_reduction="sum"`` (dense heads): per-row sum over positions, then the mean
+    over rows, for the KL and the regression terms; "mean" keeps the per-position mean."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    reg_sum = DistillConfig(kind="regression", position_reduction="sum")
+    reg_mean = DistillConfig(kind="regression")
+    expected_sum = (s - t).pow(2).reshape(2, -1).sum(1).mean()
+    torch.testing.assert_close(teacher_term(s, t, reg_sum), expected_sum)
+    torch.testing.assert_close(teacher_term(s, t, reg_mean), (s - t).pow(2).mean())
+    kl_sum = teacher_term(s, t, DistillConfig(kind="binary", position_reduction="sum"))
+    kl_mean = teacher_term(s, t, DistillConfig(kind="binary"))
+    torch.testing.assert_close(kl_sum, kl_mean * 12)  # 12 positions per row
+    w = torch.tensor([3.0, 1.0])
+    per_row = (s - t).pow(2).reshape(2, -1).sum(1)
+    torch.testing.assert_close(teacher_term(s, t, reg_sum, w), (w * per_row).sum() / w.sum())
+    with pytest.raises(ValueError, match="position_reduction"):
+        DistillConfig(position_reduction="max")

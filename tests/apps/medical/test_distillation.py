@@ -89,3 +89,50 @@ def test_spec_hook_and_crop_mismatch(teacher_setup) -> None:
     bad.detector.patch_zyx = (2, 2, 2)
     with pytest.raises(MedicalDataError, match="detector.patch_zyx"):
         distill_fit_predictor(bad, teacher)
+
+
+def _dense(cfg):
+    d = copy.deepcopy(cfg)
+    d.detector.kind = "dense"
+    d.detector.stem_channels = 4
+    d.detector.samples_per_epoch = 16
+    d.detector.nms_grid_mm = ()
+    d.fp_reduction.enabled = False
+    return d
+
+
+def test_dense_student_voxel_logits_track_the_dense_teacher(teacher_setup) -> None:
+    """The per-voxel heat map distils too: with alpha 1 the student's voxel logits move
+    toward the teacher's (on crops it never trained on), the teacher is untouched, and a
+    token/dense mix is refused."""
+    from apps.medical.dense import DenseHeatmapModel
+
+    cfg, token_teacher, scans, truth = teacher_setup
+    tcfg = _dense(cfg)
+    tcfg.detector.trainer.max_epochs = 2
+    teacher = NoduleDetector(tcfg, fit_detector(tcfg, scans, truth), None)
+    scfg = _dense(_student(cfg))
+    scfg.detector.trainer.max_epochs = 6
+    scfg.detector.optim.warmup_steps = 0
+    scfg.detector.optim.lr = 5e-3
+    torch.manual_seed(7)
+    image = torch.rand(3, 1, 16, 16, 16)
+    batch = {"features": teacher.detector.features_of(image)}
+    with torch.no_grad():
+        t_logit = teacher.detector.eval()(dict(batch))
+    before = {k: v.clone() for k, v in teacher.detector.state_dict().items()}
+    out = distill_fit_predictor(scfg, teacher, {"alpha": 1.0})
+    torch.manual_seed(scfg.seed)
+    dc = scfg.detector
+    init = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels).eval()
+    with torch.no_grad():
+        i_logit = init(dict(batch))
+        s_logit = out.predictor.detector.eval()(dict(batch))
+    gap_init = float((i_logit - t_logit).pow(2).mean().sqrt())
+    gap = float((s_logit - t_logit).pow(2).mean().sqrt())
+    assert gap < 0.8 * gap_init, (gap_init, gap)
+    assert out.predictor.fp_model is None
+    for k, v in teacher.detector.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    with pytest.raises(MedicalDataError, match="both must be 'token' or both 'dense'"):
+        distill_fit_predictor(scfg, token_teacher)
