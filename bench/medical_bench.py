@@ -116,9 +116,8 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
     if model_dir is not None:
         predictor.save(model_dir)
     t1 = time.time()
-    result, _ = evaluate_scans(
-        predictor.detect_volume, [load_raw_scan(data, u) for u in held], truth.subset(held)
-    )
+    held_scans = [load_raw_scan(data, u) for u in held]
+    result, _ = evaluate_scans(predictor.detect_volume, held_scans, truth.subset(held))
     t_eval = time.time() - t1
     m = froc_metrics(result)
     missed = result.nodules[~result.nodules["detected"]]
@@ -161,9 +160,7 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
     record("medical", "synthetic_sens_at_4fp", m["sensitivity_at_4fp"], details)
     if cfg.detector.tta_flips:  # the same model without flips, for the record
         predictor.config.detector.tta_flips = False
-        res0, _ = evaluate_scans(
-            predictor.detect_volume, [load_raw_scan(data, u) for u in held], truth.subset(held)
-        )
+        res0, _ = evaluate_scans(predictor.detect_volume, held_scans, truth.subset(held))
         predictor.config.detector.tta_flips = True
         m0 = froc_metrics(res0)
         keys = ("cpm", "sensitivity_at_4fp", "sensitivity_at_1fp")

@@ -236,12 +236,7 @@ def regression_distillation_loss(
         err = F.huber_loss(s, t, delta=huber_delta, reduction="none")
     else:
         raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {loss!r}")
-    if position_reduction == "sum":
-        soft = weighted_row_mean(err, weight_B, "sum")
-    elif weight_B is None:
-        soft = err.mean()
-    else:
-        soft = weighted_row_mean(err.reshape(err.shape[0], -1).mean(-1), weight_B)
+    soft = weighted_row_mean(err, weight_B, position_reduction)
     return alpha * soft + (1.0 - alpha) * task_loss
 
 

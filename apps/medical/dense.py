@@ -401,9 +401,8 @@ def sliding_window_dense(
     autocast on CUDA.
 
     ``tta_flips``: also score the volume flipped along z, y and x (one axis at a time) and
-    average the four maps, each flipped back. Sound because the filter-bank features are
-    flip-equivariant (symmetric Gaussians; Hessian eigenvalues do not change under an axis
-    reflection), so the flipped scan's features are the flipped features. 4x the work.
+    average the four maps, each flipped back. Each pass runs the whole path (filter bank
+    included) on the flipped scan; 4x the work.
     """
     if tta_flips:
         maps = [sliding_window_dense(model, image_ZYX, crop_zyx, stride_zyx, batch_size)]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from apps.fraud.config import FraudConfig, load_config
+from apps.fraud.metrics import average_precision
 from apps.fraud.synthetic import SyntheticConfig, generate_transactions, write_frame
+from apps.fraud.training import FitOutput, fit
 
 
 def tiny_data(folder: Path) -> Path:
@@ -17,6 +21,20 @@ def tiny_data(folder: Path) -> Path:
         )
         write_frame(frame, path)
     return path
+
+
+def fit_two_epochs_keeps_best_val_ap(cfg: FraudConfig) -> FitOutput:
+    """``training.fit`` for 2 epochs (no baseline) with ``head.select_best='val/ap'`` set by
+    the caller; asserts the kept weights score the recorded best validation AP again."""
+    cfg.trainer.max_epochs = 2
+    cfg.baseline.enabled = False
+    out = fit(cfg)
+    assert out.extra["best_epoch"] in (0, 1)
+    valid = out.data.split.valid
+    logits, _ = out.predictor.score_inputs(out.inputs.take(valid))
+    ap = average_precision(out.data.y[valid], logits)
+    assert ap == pytest.approx(out.extra["best_val_ap"], abs=1e-4)
+    return out
 
 
 def tiny_config(folder: Path, **head) -> FraudConfig:

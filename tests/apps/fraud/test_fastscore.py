@@ -118,15 +118,7 @@ def test_ranking_metrics_use_logits_when_probabilities_saturate():
 
 def test_best_epoch_by_validation_ap_is_restored(tmp_path):
     """``head.select_best='val/ap'``: the kept weights reproduce the best validation AP."""
-    from apps.fraud.training import fit
-    from tests.apps.fraud.fraud_model_helpers import tiny_config
+    from tests.apps.fraud.fraud_model_helpers import fit_two_epochs_keeps_best_val_ap, tiny_config
 
     cfg = tiny_config(tmp_path, numeric_encoding="periodic", select_best="val/ap")
-    cfg.trainer.max_epochs = 2
-    cfg.baseline.enabled = False
-    out = fit(cfg)
-    assert out.extra["best_epoch"] in (0, 1)
-    valid = out.data.split.valid
-    logits, _ = out.predictor.score_inputs(out.inputs.take(valid))
-    ap = average_precision(out.data.y[valid], logits)
-    assert ap == pytest.approx(out.extra["best_val_ap"], abs=1e-4)
+    fit_two_epochs_keeps_best_val_ap(cfg)

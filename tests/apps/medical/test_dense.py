@@ -199,10 +199,10 @@ def test_torch_preprocessing_matches_scipy():
     assert (p1.lung != p2.lung).mean() < 0.001 and np.abs(p1.image - p2.image).max() < 0.01
 
 
-def test_filter_bank_is_flip_equivariant_so_flip_tta_is_valid():
-    """TTA flips the scan and flips the map back; that is only sound when the features of a
-    flipped scan are the flipped features (symmetric Gaussians, reflection-invariant Hessian
-    eigenvalues)."""
+def test_filter_bank_is_flip_equivariant_so_feature_flips_are_valid_augmentations():
+    """DenseCropDataset augments by flipping precomputed features (not the scan); that is
+    only sound when the features of a flipped scan are the flipped features (symmetric
+    Gaussians, reflection-invariant Hessian eigenvalues)."""
     bank = FilterBank()
     vol = torch.rand(1, 1, 14, 15, 16)
     f = bank(vol)
