@@ -18,7 +18,12 @@ import torch
 from bench.common import record, time_fn
 from core.attention import DynamicGraphAttention, attention_reference
 from core.config import AttentionConfig
-from core.topk_threshold import TIE_MARGIN, topk_threshold, topk_threshold_reference
+from core.topk_threshold import (
+    TIE_MARGIN,
+    _threshold_triton,
+    topk_threshold,
+    topk_threshold_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,8 +97,29 @@ def main() -> None:
     thr_err = float((thr - ref).abs().max())
     t_kernel = time_fn(lambda: topk_threshold(q, k, args.top_k, None), reps=args.reps)["median_ms"]
     t_ref = time_fn(lambda: topk_threshold_reference(q, k, args.top_k), reps=args.reps)["median_ms"]
+    # Worst case for the kernel's early exit: every key duplicated and an odd k, so each
+    # row's k-th and (k+1)-th logits tie and no row stops before the last radix pass.
+    k_dup = k.clone()
+    k_dup[:, :, 1::2] = k_dup[:, :, 0::2]
+    k_odd = args.top_k + 1
+    dup_err = float(
+        (topk_threshold(q, k_dup, k_odd, None) - topk_threshold_reference(q, k_dup, k_odd))
+        .abs()
+        .max()
+    )
+    t_dup = time_fn(lambda: topk_threshold(q, k_dup, k_odd, None), reps=args.reps)["median_ms"]
+    # one bit per pass (the path for S > 512) against the default two bits, same inputs
+    t_one_bit = float("nan")
+    if DEVICE == "cuda" and T <= 512:
+        one = _threshold_triton(q, k, args.top_k, None, two_bits=False)
+        thr_err = max(thr_err, float((one - ref).abs().max()))
+        t_one_bit = time_fn(
+            lambda: _threshold_triton(q, k, args.top_k, None, two_bits=False), reps=args.reps
+        )["median_ms"]
     print(
-        f"threshold: kernel {t_kernel:.3f} ms, reference {t_ref:.3f} ms, max abs diff {thr_err:.2e}",
+        f"threshold: kernel {t_kernel:.3f} ms ({t_one_bit:.3f} ms one bit per pass; {t_dup:.3f}"
+        f" ms with every key tied), reference {t_ref:.3f} ms, max abs diff {thr_err:.2e}"
+        f" (tied {dup_err:.2e})",
         flush=True,
     )
 
@@ -121,6 +147,9 @@ def main() -> None:
             "top_k": args.top_k,
             "layer_ms": times,
             "threshold_kernel_ms": t_kernel,
+            "threshold_kernel_one_bit_ms": t_one_bit,
+            "threshold_kernel_all_tied_ms": t_dup,
+            "threshold_all_tied_max_abs_diff": dup_err,
             "threshold_reference_ms": t_ref,
             "threshold_max_abs_diff": thr_err,
             "parity": par,

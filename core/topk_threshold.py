@@ -10,9 +10,10 @@ pure overhead: on an H200 at B=32, H=16, T=S=512 it was most of the top-k cost.
 
 * CUDA (head width a power of two in [16, 256], S <= 1024): one Triton kernel per
   (query block, batch*head) computes the logit tile ``Q_blk K^T`` in float32 registers
-  and finds each row's k-th largest by radix select on the float bits (32 compare-and-
-  count passes; a bitonic ``tl.sort`` measured slower than ``torch.topk``). Nothing of
-  size T x S touches memory.
+  and finds each row's k-th largest by radix select on the float bits (int32 compare-and-
+  count passes settling one bit, or two when S <= 512, each; ending early once every row
+  of the block has split its top k from the rest; a bitonic ``tl.sort`` measured slower
+  than ``torch.topk``). Nothing of size T x S touches memory.
 * elsewhere (CPU, other shapes): float32 logits and ``torch.topk``, the reference.
 
 Both score in float32 from the same (bf16 or fp32) q and k, as FlexAttention does, so the
@@ -83,6 +84,7 @@ if _HAS_TRITON:
         HEAD_D: tl.constexpr,
         HAS_PAD: tl.constexpr,
         IEEE: tl.constexpr,
+        TWO_BITS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -112,19 +114,61 @@ if _HAS_TRITON:
             pad = tl.load(PAD + b * spb + offs_s * sps, mask=offs_s < S, other=1)
             invalid = invalid | (pad != 0)
         s = tl.where(invalid[None, :], float("-inf"), s)
-        # Radix select, most significant bit first: map float32 to integer keys whose order
-        # is the float order (shifted into [0, 2^32) as int64, so no unsigned arithmetic),
-        # then build the largest key t with #(keys >= t) >= TOPK one bit at a time.
-        # 32 compare-and-count passes over registers; no sort, nothing written to memory.
+        # Radix select on integer keys whose signed int32 order is the float order (negative
+        # floats get their magnitude bits flipped). The answer is built most significant bit
+        # first on the unsigned image u = key ^ INT_MIN, carried in the signed domain (setting
+        # bit b of u is ``ans ^ (1 << b)``), so everything stays 32-bit: int64 keys, used at
+        # first, cost two instructions per compare.
         bits = s.to(tl.int32, bitcast=True)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-        ans = tl.zeros([BLOCK_M], dtype=tl.int64)
-        for bit in tl.static_range(31, -1, -1):
-            cand = ans + (1 << bit)
-            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-            ans = tl.where(cnt >= TOPK, cand, ans)
-        kbits = (ans - 2147483648).to(tl.int32)
-        thr = (kbits ^ ((kbits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        ans = tl.full([BLOCK_M], -2147483648, dtype=tl.int32)
+        # A row is done as soon as a candidate has exactly TOPK keys at or above it: any such
+        # value separates the top k from the rest, and the k-th key is then the smallest key
+        # >= it. Logits are continuous, so this happens once the candidate falls in the gap
+        # below the k-th key (~16 of the 32 bits); the block stops when all its rows are done.
+        # A tie across the k-th/(k+1)-th boundary never splits; such a row takes all the
+        # passes, which end on the k-th key itself. Rows past T are done from the start.
+        done = offs_m >= T
+        n_open = tl.sum((~done).to(tl.int32), axis=0)
+        if TWO_BITS:
+            # Two bits per pass: the three candidates' counts (each <= 512 < 2^10) are packed
+            # into one int32 and summed in one cross-thread reduction, which costs more than
+            # the compares; 16 reductions instead of 32.
+            bit = 30
+            while (bit >= 0) & (n_open > 0):
+                c1 = ans ^ (1 << bit)
+                c2 = ans ^ (2 << bit)
+                c3 = ans ^ (3 << bit)
+                packed = (
+                    (key >= c1[:, None]).to(tl.int32)
+                    + ((key >= c2[:, None]).to(tl.int32) << 10)
+                    + ((key >= c3[:, None]).to(tl.int32) << 20)
+                )
+                tot = tl.sum(packed, axis=1)
+                n1 = tot & 1023
+                n2 = (tot >> 10) & 1023
+                n3 = tot >> 20
+                # the largest candidate still keeping >= TOPK keys (counts fall as c grows)
+                best = tl.where(n3 >= TOPK, c3, tl.where(n2 >= TOPK, c2, c1))
+                n_best = tl.where(n3 >= TOPK, n3, tl.where(n2 >= TOPK, n2, n1))
+                take = (n_best >= TOPK) & ~done
+                ans = tl.where(take, best, ans)
+                done = done | (take & (n_best == TOPK))
+                n_open = tl.sum((~done).to(tl.int32), axis=0)
+                bit -= 2
+        else:
+            bit = 31
+            while (bit >= 0) & (n_open > 0):
+                cand = ans ^ (1 << bit)
+                cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+                take = (cnt >= TOPK) & ~done
+                ans = tl.where(take, cand, ans)
+                done = done | (take & (cnt == TOPK))
+                n_open = tl.sum((~done).to(tl.int32), axis=0)
+                bit -= 1
+        kth = tl.min(tl.where(key >= ans[:, None], key, 2147483647), axis=1)
+        kbits = kth ^ ((kth >> 31) & 0x7FFFFFFF)
+        thr = kbits.to(tl.float32, bitcast=True)
         tl.store(OUT + pid_bh * T + offs_m, thr, mask=offs_m < T)
 
 
@@ -148,12 +192,28 @@ def topk_threshold(q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tenso
     """
     if not _triton_ok(q_BHTd, k_BHSd):
         return topk_threshold_reference(q_BHTd, k_BHSd, top_k, key_pad_BS)
+    return _threshold_triton(q_BHTd, k_BHSd, top_k, key_pad_BS)
+
+
+def _threshold_triton(
+    q_BHTd: Tensor,
+    k_BHSd: Tensor,
+    top_k: int,
+    key_pad_BS: Tensor | None,
+    two_bits: bool | None = None,
+) -> Tensor:
+    """Launch :func:`_threshold_kernel` (CUDA tensors, or CPU ones under TRITON_INTERPRET=1).
+
+    ``two_bits`` (default: whenever S <= 512, where three counts fit one int32) picks the
+    radix pass that settles two bits per reduction."""
     B, H, T, d = q_BHTd.shape
     S = k_BHSd.shape[2]
     k = min(top_k, S)
     out = torch.empty(B, H, T, device=q_BHTd.device, dtype=torch.float32)
     block_s = max(16, triton.next_power_of_2(S))
     block_m = 16 if block_s >= 512 else 32
+    if two_bits and block_s > 512:
+        raise ValueError(f"two-bit radix passes need S <= 512 (counts in 10 bits), got S={S}")
     pad = key_pad_BS if key_pad_BS is not None else out  # dummy pointer when HAS_PAD=False
     spb, sps = (pad.stride(0), pad.stride(1)) if key_pad_BS is not None else (0, 0)
     grid = (triton.cdiv(T, block_m), B * H)
@@ -176,6 +236,7 @@ def topk_threshold(q_BHTd: Tensor, k_BHSd: Tensor, top_k: int, key_pad_BS: Tenso
         HEAD_D=d,
         HAS_PAD=key_pad_BS is not None,
         IEEE=q_BHTd.dtype == torch.float32,
+        TWO_BITS=block_s <= 512 if two_bits is None else two_bits,
         num_warps=4,
     )
     return out
