@@ -832,6 +832,23 @@ def _medical_row(
     return row
 
 
+def load_medical_teacher(path: Path, tcfg: Any) -> Any:
+    """A saved :class:`NoduleDetector` as the teacher; its detector kind and grid must be the
+    ones the students are built for, or the distillation compares different tasks."""
+    from apps.medical.predictor import NoduleDetector
+
+    teacher = NoduleDetector.load(path)
+    tc, want = teacher.config, tcfg
+    got_key = (tc.detector.kind, tuple(tc.spacing_zyx), tuple(tc.detector.crop_zyx))
+    want_key = (want.detector.kind, tuple(want.spacing_zyx), tuple(want.detector.crop_zyx))
+    if got_key != want_key:
+        raise ValueError(
+            f"--medical-teacher-dir {path}: teacher is (kind, spacing, crop) {got_key}, the "
+            f"students are built for {want_key}"
+        )
+    return teacher
+
+
 def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     """Teacher, distilled student, scratch student (same budget) of the two-stage token
     detector on the npz phantoms; LUNA16 CPM on the held-out series (split by series UID)."""
@@ -855,13 +872,18 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         fp = fit_fp_reduction(cfg, det, scans, tr_truth) if cfg.fp_reduction.enabled else None
         return NoduleDetector(cfg, det, fp)
 
-    say(f"medical: teacher ({len(train)} training series, {len(held)} held out)")
     t0 = time.perf_counter()
-    teacher = two_stage(tcfg)
-    t_teacher = time.perf_counter() - t0
+    if args.medical_teacher_dir:
+        teacher = load_medical_teacher(Path(args.medical_teacher_dir), tcfg)
+        say(f"medical: teacher loaded from {args.medical_teacher_dir}")
+        t_teacher = None  # trained elsewhere (e.g. by bench.medical_bench on the same split)
+    else:
+        say(f"medical: teacher ({len(train)} training series, {len(held)} held out)")
+        teacher = two_stage(tcfg)
+        t_teacher = time.perf_counter() - t0
     say("medical: distilled student")
     t0 = time.perf_counter()
-    distilled = distill_fit_predictor(scfg, teacher, {"alpha": args.alpha}).predictor
+    distilled = distill_fit_predictor(scfg, teacher, {"alpha": args.alpha}, scans=scans).predictor
     t_distill = time.perf_counter() - t0
     say("medical: scratch student")
     t0 = time.perf_counter()
@@ -898,6 +920,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
             else "token heat map + FP reduction (synthetic_bench sizes for the teacher)"
         ),
         "minutes_per_model": args.medical_minutes,
+        "teacher_dir": args.medical_teacher_dir,
         "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
         "machine": machine(),
         "seed": args.seed,
@@ -1177,6 +1200,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dense: 2 (synthetic_bench, 36^3 crops) or 3 (24^3 crops, cheaper on a CPU)",
     )
     ap.add_argument("--medical-student-d", type=int, default=32)
+    ap.add_argument(
+        "--medical-teacher-dir",
+        default=None,
+        help="load the teacher (a saved NoduleDetector on the same data and split) instead "
+        "of training it",
+    )
     ap.add_argument("--grow-budget", type=float, default=1.3, help="x scratch epochs")
     ap.add_argument("--fraud-config", default="demo", help="demo | ulb | handbook | YAML")
     ap.add_argument("--fraud-teacher-epochs", type=int, default=5)

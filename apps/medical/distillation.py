@@ -27,6 +27,7 @@ No MLflow here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from apps.medical.data import ensure_dataset, load_raw_scan, prepare, read_truth
 from apps.medical.errors import MedicalDataError
 from apps.medical.model import FPReductionModel, NoduleHeatmapModel
 from apps.medical.predictor import NoduleDetector
+from apps.medical.preprocess import PreparedScan
 from apps.medical.training import ArrayDataset, detector_samples, fp_samples
 from core.distill import DistillConfig, count_active_params, distill_fit
 from core.spec import TrainResult
@@ -166,8 +168,14 @@ def distill_fit_predictor(
     teacher: NoduleDetector,
     distill_cfg: DistillConfig | dict | None = None,
     logger: Any = None,
+    scans: Sequence[PreparedScan] | None = None,
 ) -> DistillOutput:
-    """Distil both stages of ``teacher`` into ``cfg``'s student, on the training series only."""
+    """Distil both stages of ``teacher`` into ``cfg``'s student, on the training series only.
+
+    ``scans``: the training series already prepared on ``cfg``'s grid (in the order of the
+    split's training UIDs), for callers that hold them, since preparing them again costs
+    more than a short distillation run; checked against the split.
+    """
     _check_teacher(teacher, cfg)
     d1, d2 = stage_distill_configs(distill_cfg)
     root = ensure_dataset(cfg.data)
@@ -175,7 +183,14 @@ def distill_fit_predictor(
     train_uids, held = split_series(
         truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed
     )
-    scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
+    if scans is None:
+        scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
+    elif [s.seriesuid for s in scans] != list(train_uids):
+        raise MedicalDataError(
+            f"distill_fit_predictor: the {len(scans)} prepared scans given are not the "
+            f"{len(train_uids)} training series of the split (heldout_fraction="
+            f"{cfg.data.heldout_fraction}, split_seed={cfg.data.split_seed}) in order"
+        )
     tr_truth = truth.subset(train_uids)
 
     if cfg.detector.kind == "dense":

@@ -132,3 +132,32 @@ def test_tiny_medical_distillation_rows(tmp_path, detector) -> None:
     expected = student["cpm"] / teacher["cpm"] if teacher["cpm"] > 0 else 0.0
     assert value == pytest.approx(expected)
     assert d["rows"][1]["active_params"] == d["rows"][2]["active_params"]
+
+
+def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
+    """--medical-teacher-dir: the saved detector is the teacher (not retrained), its rows
+    are scored like a trained one, and a teacher on another grid is refused."""
+    from apps.medical.predictor import NoduleDetector, build_detector
+
+    data = tmp_path / "npz_data"
+    base = ("--apps", "medical", "--medical-data", str(data), "--medical-detector", "dense")
+    args = _args(*base)
+    root = sb.medical_data(args)
+    tcfg, _ = sb.medical_configs(args, root)
+    torch.manual_seed(3)
+    saved = NoduleDetector(tcfg, build_detector(tcfg), None)
+    saved.save(tmp_path / "teacher")
+    value, d = sb.run_medical_distill(
+        _args(*base, "--medical-teacher-dir", str(tmp_path / "teacher"))
+    )["medical_student_retention"]
+    assert d["train_seconds"]["teacher"] is None and d["teacher_dir"] == str(tmp_path / "teacher")
+    n_saved = sum(p.numel() for p in saved.detector.parameters())
+    assert d["rows"][0]["active_params"] <= n_saved
+    assert d["teacher_over_student_active_params"] >= 4
+    assert 0.0 <= value
+
+    other = NoduleDetector.load(tmp_path / "teacher")
+    other.config.spacing_zyx = (4.0, 4.0, 4.0)
+    other.save(tmp_path / "teacher_4mm")
+    with pytest.raises(ValueError, match="spacing"):
+        sb.load_medical_teacher(tmp_path / "teacher_4mm", tcfg)

@@ -89,6 +89,9 @@ def test_spec_hook_and_crop_mismatch(teacher_setup) -> None:
     bad.detector.patch_zyx = (2, 2, 2)
     with pytest.raises(MedicalDataError, match="detector.patch_zyx"):
         distill_fit_predictor(bad, teacher)
+    # prepared scans handed in must be the split's training series, in order
+    with pytest.raises(MedicalDataError, match="not the .* training series"):
+        distill_fit_predictor(_student(cfg), teacher, scans=[])
 
 
 def _dense(cfg):
