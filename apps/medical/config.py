@@ -116,9 +116,18 @@ class FPReductionConfig:
     Trained on jittered crops at true nodules (positives) and at stage-1 false positives on
     the TRAINING series plus random lung points (negatives). ``enabled=False`` keeps the
     stage-1 probability as the final one.
+
+    The final probability fuses both stages geometrically, ``p1 ** (1 - w) * p2 ** w`` with
+    ``w = score_weight``: 1 is stage 2 alone, 0 stage 1 alone. A small classifier on a
+    ``crop_zyx`` crop sees less context than stage 1, so replacing the stage-1 score can
+    lose what stage 1 knew; fusing keeps both. With ``score_weight_grid`` set (and a
+    validation part, ``data.val_fraction``), stage 2 trains without the validation series
+    and ``score_weight`` is chosen there by LUNA16 CPM, like the NMS radius.
     """
 
     enabled: bool = True
+    score_weight: float = 1.0
+    score_weight_grid: tuple[float, ...] = ()
     crop_zyx: tuple[int, int, int] = (16, 16, 16)
     patch_zyx: tuple[int, int, int] = (4, 4, 4)
     crops_per_nodule: int = 8

@@ -358,6 +358,22 @@ def crops_at(image: np.ndarray, points_zyx: np.ndarray, crop_zyx: Sequence[int])
     return np.stack(out)[:, None] if out else np.zeros((0, 1, *crop_zyx), np.float32)
 
 
+def fuse_scores(p1: np.ndarray, p2: np.ndarray, weight: float) -> np.ndarray:
+    """Final candidate probability ``p1 ** (1 - weight) * p2 ** weight`` (stage 1, stage 2).
+
+    Geometric, so a candidate needs both stages' support; ``weight`` 1 is stage 2 alone and
+    0 stage 1 alone (exactly, with no 0 ** 0 surprises: those ends skip the power)."""
+    p1 = np.asarray(p1, dtype=np.float64)
+    p2 = np.asarray(p2, dtype=np.float64)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fp_reduction.score_weight must lie in [0, 1], got {weight}")
+    if weight == 1.0:
+        return p2.copy()
+    if weight == 0.0:
+        return p1.copy()
+    return np.clip(p1, 0.0, 1.0) ** (1.0 - weight) * np.clip(p2, 0.0, 1.0) ** weight
+
+
 @torch.no_grad()
 def score_candidates(
     model: FPReductionModel,

@@ -23,6 +23,7 @@ from apps.medical.model import (
     FPReductionModel,
     NoduleHeatmapModel,
     detect_scan,
+    fuse_scores,
     score_candidates,
 )
 from apps.medical.preprocess import PreparedScan, Scan
@@ -124,9 +125,11 @@ class NoduleDetector:
             dc.tta_flips,
         )
         if self.fp_model is not None and self.config.fp_reduction.enabled and len(cands):
+            fc = self.config.fp_reduction
             pts = cands[["z", "y", "x"]].to_numpy()
-            cands["probability"] = score_candidates(
-                self.fp_model, scan.image, pts, self.config.fp_reduction.crop_zyx
+            p2 = score_candidates(self.fp_model, scan.image, pts, fc.crop_zyx)
+            cands["probability"] = fuse_scores(
+                cands["probability"].to_numpy(), p2, float(fc.score_weight)
             )
             cands = cands.sort_values("probability", ascending=False, kind="stable")
         return cands.reset_index(drop=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,8 +30,10 @@ from apps.medical.model import (
     crops_at,
     detect_scan,
     extract_crop,
+    fuse_scores,
     heatmap_targets,
     random_lung_points,
+    score_candidates,
 )
 from apps.medical.preprocess import PreparedScan
 from core.engine import build_trainer
@@ -157,14 +159,35 @@ def fit_detector(
     return model.cpu().eval()
 
 
+def stage1_candidates(cfg: MedicalConfig, detector: Any, scan: PreparedScan) -> pd.DataFrame:
+    """Stage-1 candidates of one prepared scan, post-processed exactly as at inference."""
+    dc = cfg.detector
+    return detect_scan(
+        detector,
+        scan,
+        dc.crop_zyx,
+        dc.infer_stride_zyx or dc.stride_zyx,
+        dc.threshold,
+        dc.nms_radius_mm,
+        dc.max_candidates,
+        cfg.refine_centroid,
+        dc.batch_size,
+        dc.tta_flips,
+    )
+
+
 def fp_samples(
     cfg: MedicalConfig,
     detector: NoduleHeatmapModel,
     scans: Sequence[PreparedScan],
     truth: Truth,
     rng: np.random.Generator,
+    candidates: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict[str, np.ndarray]:
-    fc, dc = cfg.fp_reduction, cfg.detector
+    """Stage-2 crops: jittered positives at nodules, hard negatives at stage-1 candidates
+    away from every finding, random lung negatives. ``candidates`` (by series UID): stage-1
+    candidates already computed for these scans (stage 1 is the costly part on a CPU)."""
+    fc = cfg.fp_reduction
     sp = np.asarray(cfg.spacing_zyx)
     images, ys = [], []
     for scan in scans:
@@ -181,17 +204,10 @@ def fp_samples(
             for n in nod
             for _ in range(fc.crops_per_nodule)
         ]
-        cands = detect_scan(
-            detector,
-            scan,
-            dc.crop_zyx,
-            dc.infer_stride_zyx or dc.stride_zyx,
-            dc.threshold,
-            dc.nms_radius_mm,
-            dc.max_candidates,
-            cfg.refine_centroid,
-            dc.batch_size,
-        )
+        if candidates is not None and scan.seriesuid in candidates:
+            cands = candidates[scan.seriesuid]
+        else:
+            cands = stage1_candidates(cfg, detector, scan)
         pts = cands[["z", "y", "x"]].to_numpy()
 
         groups = ((nod, np.maximum(radii, 5.0)), (exc, np.full(len(exc), 5.0)))
@@ -222,11 +238,22 @@ def fit_fp_reduction(
     scans: Sequence[PreparedScan],
     truth: Truth,
     logger: Any = None,
+    candidates: Mapping[str, pd.DataFrame] | None = None,
+    val_scans: Sequence[PreparedScan] | None = None,
 ) -> FPReductionModel:
+    """Stage 2 on the training ``scans``. With ``fp_reduction.score_weight_grid`` set, the
+    validation series choose ``fp_reduction.score_weight`` (set in ``cfg``) and stay out of
+    stage 2's training: ``val_scans`` when given (then ``scans`` are the fitting series
+    only), else the validation part of ``scans`` (``data.val_fraction``, the split stage 1
+    uses). ``candidates``: stage-1 candidates by series UID, when the caller has them."""
     fc = cfg.fp_reduction
     rng = np.random.default_rng(cfg.seed + 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples = fp_samples(cfg, detector.to(device), scans, truth, rng)
+    if not fc.score_weight_grid:
+        val_scans = []
+    elif val_scans is None:
+        scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
+    samples = fp_samples(cfg, detector.to(device), scans, truth, rng, candidates)
     detector.cpu()
     torch.manual_seed(cfg.seed + 1)
     model = FPReductionModel(fc.backbone, fc.optim, fc.patch_zyx)
@@ -242,7 +269,56 @@ def fit_fp_reduction(
     )
     trainer = build_trainer(_trainer_cfg(fc.trainer, cfg.seed + 1), logger=logger)
     trainer.fit(model, train_dataloaders=loader)
-    return model.cpu().eval()
+    model = model.cpu().eval()
+    if val_scans:
+        val_cands = [
+            candidates[s.seriesuid]
+            if candidates is not None and s.seriesuid in candidates
+            else stage1_candidates(cfg, detector.to(device), s)
+            for s in val_scans
+        ]
+        fc.score_weight = choose_score_weight(cfg, model, val_scans, val_cands, truth)
+    detector.cpu()
+    return model
+
+
+def choose_score_weight(
+    cfg: MedicalConfig,
+    fp_model: FPReductionModel,
+    val_scans: Sequence[PreparedScan],
+    val_candidates: Sequence[pd.DataFrame],
+    truth: Truth,
+) -> float:
+    """The weight of ``fp_reduction.score_weight_grid`` with the best LUNA16 CPM on the
+    validation series (never the held-out ones); ties go to the first listed."""
+    from apps.medical.froc import evaluate_froc
+
+    fc = cfg.fp_reduction
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp_model.to(device)
+    p2 = [
+        score_candidates(fp_model, s.image, c[["z", "y", "x"]].to_numpy(), fc.crop_zyx)
+        if len(c)
+        else np.zeros(0)
+        for s, c in zip(val_scans, val_candidates, strict=True)
+    ]
+    fp_model.cpu()
+    uids = [s.seriesuid for s in val_scans]
+    sub = truth.subset(uids)
+    best, best_cpm = float(fc.score_weight), -1.0
+    for w in fc.score_weight_grid:
+        frames = [
+            c.assign(probability=fuse_scores(c["probability"].to_numpy(), p, float(w)))
+            for c, p in zip(val_candidates, p2, strict=True)
+        ]
+        res = evaluate_froc(
+            pd.concat(frames, ignore_index=True), sub.annotations, uids, sub.excluded
+        )
+        cpm = float(res.metrics()["cpm"])
+        print(f"[medical] validation stage-2 weight {float(w):g}: CPM {cpm:.3f}", flush=True)
+        if cpm > best_cpm:
+            best, best_cpm = float(w), cpm
+    return best
 
 
 # ----------------------------------------------------------------------------- dense stage 1
