@@ -358,6 +358,24 @@ def crops_at(image: np.ndarray, points_zyx: np.ndarray, crop_zyx: Sequence[int])
     return np.stack(out)[:, None] if out else np.zeros((0, 1, *crop_zyx), np.float32)
 
 
+def stage1_candidates(cfg: Any, detector: Any, scan: Any) -> pd.DataFrame:
+    """Stage-1 candidates of one prepared scan with ``cfg`` (a ``MedicalConfig``)'s detector
+    settings: the call inference, stage-2 mining and validation all share."""
+    dc = cfg.detector
+    return detect_scan(
+        detector,
+        scan,
+        dc.crop_zyx,
+        dc.infer_stride_zyx or dc.stride_zyx,
+        dc.threshold,
+        dc.nms_radius_mm,
+        dc.max_candidates,
+        cfg.refine_centroid,
+        dc.batch_size,
+        dc.tta_flips,
+    )
+
+
 def fuse_scores(p1: np.ndarray, p2: np.ndarray, weight: float) -> np.ndarray:
     """Final candidate probability ``p1 ** (1 - weight) * p2 ** weight`` (stage 1, stage 2).
 

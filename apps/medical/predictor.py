@@ -22,9 +22,9 @@ from apps.medical.errors import MedicalDataError
 from apps.medical.model import (
     FPReductionModel,
     NoduleHeatmapModel,
-    detect_scan,
     fuse_scores,
     score_candidates,
+    stage1_candidates,
 )
 from apps.medical.preprocess import PreparedScan, Scan
 from core import safepath
@@ -111,19 +111,7 @@ class NoduleDetector:
     # ------------------------------------------------------------------ scoring
     def detect(self, scan: PreparedScan) -> pd.DataFrame:
         """Candidates of one prepared scan (world mm; final probability = stage-2 score)."""
-        dc = self.config.detector
-        cands = detect_scan(
-            self.detector,
-            scan,
-            dc.crop_zyx,
-            dc.infer_stride_zyx or dc.stride_zyx,
-            dc.threshold,
-            dc.nms_radius_mm,
-            dc.max_candidates,
-            self.config.refine_centroid,
-            dc.batch_size,
-            dc.tta_flips,
-        )
+        cands = stage1_candidates(self.config, self.detector, scan)
         if self.fp_model is not None and self.config.fp_reduction.enabled and len(cands):
             fc = self.config.fp_reduction
             pts = cands[["z", "y", "x"]].to_numpy()

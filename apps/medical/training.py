@@ -28,12 +28,12 @@ from apps.medical.model import (
     FPReductionModel,
     NoduleHeatmapModel,
     crops_at,
-    detect_scan,
     extract_crop,
     fuse_scores,
     heatmap_targets,
     random_lung_points,
     score_candidates,
+    stage1_candidates,
 )
 from apps.medical.preprocess import PreparedScan
 from core.engine import build_trainer
@@ -157,23 +157,6 @@ def fit_detector(
     trainer = build_trainer(_trainer_cfg(dc.trainer, cfg.seed), logger=logger)
     trainer.fit(model, train_dataloaders=loader)
     return model.cpu().eval()
-
-
-def stage1_candidates(cfg: MedicalConfig, detector: Any, scan: PreparedScan) -> pd.DataFrame:
-    """Stage-1 candidates of one prepared scan, post-processed exactly as at inference."""
-    dc = cfg.detector
-    return detect_scan(
-        detector,
-        scan,
-        dc.crop_zyx,
-        dc.infer_stride_zyx or dc.stride_zyx,
-        dc.threshold,
-        dc.nms_radius_mm,
-        dc.max_candidates,
-        cfg.refine_centroid,
-        dc.batch_size,
-        dc.tta_flips,
-    )
 
 
 def fp_samples(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from apps.medical.data import load_raw_scan, prepare, read_truth
+from apps.medical.model import stage1_candidates
 from apps.medical.predictor import build_detector
-from apps.medical.training import fit_fp_reduction, split_validation, stage1_candidates
+from apps.medical.training import fit_fp_reduction, split_validation
 from tests.apps.medical.tiny import tiny_config, tiny_dataset
 
 
