@@ -1,6 +1,7 @@
 """C-MAPSS benchmark of the maintenance app (no MLflow, no polars, no matplotlib needed).
 
-Per subset and seed (each seed is one independent model; seeds are never ensembled): train on
+Per subset and seed (each seed is one independent run; seeds are never pooled, though a run
+may itself average ``ensemble_size`` members trained on that seed's split): train on
 the training units (a seeded 20% of units held out: half are the validation units that pick the
 best epoch and choose the alarm policy, half only measure lead time), then the official test
 protocol, one prediction per test unit at its last cycle: RMSE and PHM08 with the truth capped

@@ -197,6 +197,9 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from apps.maintenance.config import load_config
 
     teacher = load_config("fd001")
+    # one model per run: the fd001 recipe averages 3 members, and distillation (and the
+    # teacher/student parameter ratio) is defined for single models
+    teacher.ensemble_size = 1
     if args.tiny:
         teacher.data.data_dir = str(ROOT / "data_samples/maintenance/cmapss")
         teacher.data.subset = "SYN"
@@ -383,6 +386,7 @@ def growth_configs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, int], 
     from apps.maintenance.config import load_config
 
     base = load_config(args.growth_subset.lower())
+    base.ensemble_size = 1  # growth compares single models' training FLOPs
     if args.tiny:
         base.data.data_dir = str(ROOT / "data_samples/maintenance/cmapss")
         base.data.subset = "SYN"

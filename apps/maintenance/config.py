@@ -16,6 +16,7 @@ from pathlib import Path
 from apps.maintenance._io import PROJECT_ROOT
 from apps.maintenance.cmapss import default_cmapss_dir
 from apps.maintenance.errors import MaintenanceDataError
+from apps.maintenance.input_smoothing import InputSmoothingConfig
 from core.config import BackboneConfig
 from core.config import small_backbone as core_small_backbone
 from core.configio import YamlConfig
@@ -120,7 +121,13 @@ class MaintenanceConfig(YamlConfig):
     the few training engines. ``rul_smoothing``: the RUL reported at a reading is the mean of
     the last ``rul_smoothing`` window estimates, each minus the time elapsed since it (causal:
     readings up to that one only; 1 = off); it applies everywhere the model is read (alarm
-    policy choice, lead time, the test protocol, scoring).
+    policy choice, lead time, the test protocol, scoring). ``input_smoothing``: causal per-unit
+    denoising of the normalised sensors before windowing (:mod:`apps.maintenance.input_smoothing`;
+    stored with the normaliser, so scoring applies it too). ``weight_ema``: decay of an
+    exponential moving average of the weights, validated and kept instead of the raw weights
+    (:mod:`apps.maintenance.weight_ema`; null = off). ``ensemble_size``: that many models,
+    each from its own seed and with its own best epoch, averaged (:class:`RULEnsemble`; K times
+    the training and scoring cost); the validation history reported is member 0's.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +143,9 @@ class MaintenanceConfig(YamlConfig):
     age_feature: bool = False
     age_scale: float = 100.0
     input_noise: float = 0.0
+    input_smoothing: InputSmoothingConfig = field(default_factory=InputSmoothingConfig)
+    weight_ema: float | None = None
+    ensemble_size: int = 1
     val_max_rul: float | None = None
     rul_smoothing: int = 1
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
@@ -163,6 +173,12 @@ class MaintenanceConfig(YamlConfig):
             raise MaintenanceDataError(f"input_noise={self.input_noise}: expected >= 0")
         if self.val_max_rul is not None and self.val_max_rul <= 0:
             raise MaintenanceDataError(f"val_max_rul={self.val_max_rul}: expected > 0 or null")
+        if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
+            raise MaintenanceDataError(
+                f"weight_ema={self.weight_ema}: expected 0 < decay < 1 or null"
+            )
+        if self.ensemble_size < 1:
+            raise MaintenanceDataError(f"ensemble_size={self.ensemble_size}: expected >= 1")
         if self.rul_smoothing < 1:
             raise MaintenanceDataError(f"rul_smoothing={self.rul_smoothing}: expected >= 1")
         if self.pretrain_epochs < 0:

@@ -60,6 +60,11 @@ def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> Non
         raise MaintenanceDataError(
             f"the teacher must be a MaintenancePredictor, got {type(teacher).__name__}"
         )
+    if int(teacher.model.hparams.get("n_members", 1)) > 1:
+        raise MaintenanceDataError(
+            f"the teacher is an ensemble of {teacher.model.hparams['n_members']} models"
+            " (ensemble_size > 1); distil from one model: fit the teacher with ensemble_size=1"
+        )
     h = teacher.model.hparams
     for name, want in (("window", cfg.window), ("patch_len", cfg.patch_len)):
         if int(h[name]) != int(want):

@@ -28,7 +28,8 @@ import torch
 from apps.maintenance._io import atomic_write_text
 from apps.maintenance.alarms import AlarmPolicy
 from apps.maintenance.errors import MaintenanceDataError
-from apps.maintenance.model import RULModel
+from apps.maintenance.input_smoothing import causal_smooth_inputs
+from apps.maintenance.model import RULEnsemble, RULModel, load_rul_model
 from apps.maintenance.preprocess import SensorNormalizer
 from apps.maintenance.schema import SensorSchema, validate_sensor_frame
 from apps.maintenance.windows import build_windows
@@ -132,7 +133,9 @@ def apply_normalizer(
 
     When ``state["age_feature"]`` is set, an ``age`` column is added: the number of readings of
     the row's unit up to and including it, minus one, divided by ``state["age_scale"]`` (causal
-    and observable when scoring: it only counts the readings given so far)."""
+    and observable when scoring: it only counts the readings given so far). When
+    ``state["input_smoothing"]`` is set, the normalised kept sensors are then smoothed causally
+    within each unit (:func:`causal_smooth_inputs`)."""
     n = len(frame)
     if state["method"] == "single":
         cond = np.zeros(n, dtype=np.int64)
@@ -156,6 +159,8 @@ def apply_normalizer(
     mean, scale = np.asarray(state["mean"]), np.asarray(state["scale"])
     out = frame.drop(columns=[c for c in state["dropped_sensors"] if c in frame]).copy()
     out[kept] = (frame[kept].to_numpy(np.float64) - mean[cond]) / scale[cond]
+    if state.get("input_smoothing"):
+        out = causal_smooth_inputs(out, kept, state["input_smoothing"], unit_column, time_column)
     out["condition"] = cond
     if state["condition_onehot"]:
         for c in range(state["n_conditions"]):
@@ -191,7 +196,7 @@ class MaintenancePredictor:
 
     def __init__(
         self,
-        model: RULModel,
+        model: RULModel | RULEnsemble,
         normalizer: dict[str, Any],
         schema: SensorSchema,
         policy: AlarmPolicy,
@@ -248,7 +253,7 @@ class MaintenancePredictor:
             raise MaintenanceDataError(
                 f"{path / 'config.json'}: format_version {cfg.get('format_version')}; expected {FORMAT_VERSION}"
             )
-        model = RULModel(**cfg["model"])
+        model = load_rul_model(cfg["model"])
         state = torch.load(path / "weights.pt", weights_only=True, map_location="cpu")
         model.load_state_dict(state)
         return cls(

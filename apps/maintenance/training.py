@@ -21,6 +21,7 @@ policy choice, lead time and the test protocol alike; its length is chosen with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ from apps.maintenance.metrics import (
     trajectory_frame,
     truncated_alarm_metrics,
 )
-from apps.maintenance.model import RULModel, pretrain_masked
+from apps.maintenance.model import RULEnsemble, RULModel, pretrain_masked
 from apps.maintenance.predictor import (
     MaintenancePredictor,
     apply_normalizer,
@@ -54,6 +55,7 @@ from apps.maintenance.predictor import (
     feature_names,
     normalizer_state,
 )
+from apps.maintenance.weight_ema import WeightEMA
 from apps.maintenance.windows import WindowSet, build_windows
 from core.engine import build_trainer, seed_everything
 from core.spec import EvalResult
@@ -256,20 +258,23 @@ def build_model(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
     )
 
 
-def fit(
+def member_seed(seed: int, k: int) -> int:
+    """Seed of ensemble member ``k``: member 0 uses the run's seed (``ensemble_size=1`` is the
+    single-model recipe, bit for bit), the others seeds far from every run's seed."""
+    return seed if k == 0 else seed + 104_729 * k
+
+
+def _train_member(
     cfg: MaintenanceConfig,
-    logger: Any = False,
-    data: PreparedData | None = None,
-    device: str | None = None,
-) -> FitOutput:
-    """Prepare data, (pre)train the model, choose the alarm policy on validation units."""
-    seed_everything(cfg.seed)
-    data = data if data is not None else prepare_data(cfg)
-    state = normalizer_state(data.normalizer)
-    if cfg.age_feature:
-        state |= {"age_feature": True, "age_scale": float(cfg.age_scale)}
-    w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
-    w_val = split_windows(state, data.policy, cfg.window)
+    w_train: WindowSet,
+    w_val: WindowSet,
+    k: int,
+    logger: Any,
+    device: str | None,
+) -> tuple[RULModel, list[float], BestValidationRMSE]:
+    """(Pre)train one model from its own seed; with ``restore_best``, its best epoch's weights."""
+    seed = member_seed(cfg.seed, k)
+    seed_everything(seed)
     model = build_model(cfg, n_channels=w_train.x.shape[2])
     losses: list[float] = []
     if cfg.pretrain_epochs > 0:
@@ -284,19 +289,52 @@ def fit(
             batch_size=cfg.batch_size,
             lr=cfg.pretrain_lr,
             mask_ratio=cfg.pretrain_mask_ratio,
-            seed=cfg.seed,
+            seed=seed,
             device=dev,
         )
         model.cpu()
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     train_dl = batch_loader(w_train, cfg.batch_size, True, cfg.steps_per_epoch, g)
     val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
     best = BestValidationRMSE(cfg.early_stopping_patience)
-    trainer = build_trainer(cfg.trainer, extra_callbacks=[best], logger=logger)
+    callbacks: list[lightning.Callback] = [best]  # EMA after best: best sees EMA weights
+    if cfg.weight_ema is not None:
+        callbacks.append(WeightEMA(cfg.weight_ema))
+    tcfg = cfg.trainer
+    if k > 0 and tcfg.seed is not None:
+        tcfg = dataclasses.replace(tcfg, seed=member_seed(tcfg.seed, k))
+    trainer = build_trainer(tcfg, extra_callbacks=callbacks, logger=logger if k == 0 else False)
     trainer.fit(model, train_dl, val_dl)
     model = model.cpu().eval()
     if cfg.restore_best:
         best.restore(model)
+    return model, losses, best
+
+
+def fit(
+    cfg: MaintenanceConfig,
+    logger: Any = False,
+    data: PreparedData | None = None,
+    device: str | None = None,
+) -> FitOutput:
+    """Prepare data, (pre)train the model, choose the alarm policy on validation units."""
+    seed_everything(cfg.seed)
+    data = data if data is not None else prepare_data(cfg)
+    state = normalizer_state(data.normalizer)
+    if cfg.age_feature:
+        state |= {"age_feature": True, "age_scale": float(cfg.age_scale)}
+    if cfg.input_smoothing.kind != "none":
+        state |= {"input_smoothing": cfg.input_smoothing.to_dict()}
+    w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
+    w_val = split_windows(state, data.policy, cfg.window)
+    members, losses, bests = [], [], []
+    for k in range(cfg.ensemble_size):
+        member, member_losses, best = _train_member(cfg, w_train, w_val, k, logger, device)
+        members.append(member)
+        losses += member_losses
+        bests.append(best)
+    model = members[0] if cfg.ensemble_size == 1 else RULEnsemble(members).eval()
+    best = bests[0]
     tu = time_unit_of(data)
     pred_dev = device if device not in (None, "cpu") and torch.cuda.is_available() else "cpu"
     val_rul, _ = model.to(pred_dev).predict_windows(w_val.x, w_val.mask)
