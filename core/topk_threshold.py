@@ -132,8 +132,8 @@ if _HAS_TRITON:
         n_open = tl.sum((~done).to(tl.int32), axis=0)
         if TWO_BITS:
             # Two bits per pass: the three candidates' counts (each <= 512 < 2^10) are packed
-            # into one int32 and summed in one cross-thread reduction, which costs more than
-            # the compares; 16 reductions instead of 32.
+            # into one int32 and summed in one cross-thread reduction: 16 reductions instead
+            # of 32 for three times the compares (H200, B=32, T=S=512: 0.97 vs 1.06 ms).
             bit = 30
             while (bit >= 0) & (n_open > 0):
                 c1 = ans ^ (1 << bit)

@@ -123,9 +123,7 @@ class MaintenanceConfig(YamlConfig):
     readings up to that one only; 1 = off); it applies everywhere the model is read (alarm
     policy choice, lead time, the test protocol, scoring). ``input_smoothing``: causal per-unit
     denoising of the normalised sensors before windowing (:mod:`apps.maintenance.input_smoothing`;
-    stored with the normaliser, so scoring applies it too). ``weight_ema``: decay of an
-    exponential moving average of the weights, validated and kept instead of the raw weights
-    (:mod:`apps.maintenance.weight_ema`; null = off). ``ensemble_size``: that many models,
+    stored with the normaliser, so scoring applies it too). ``ensemble_size``: that many models,
     each from its own seed and with its own best epoch, averaged (:class:`RULEnsemble`; K times
     the training and scoring cost); the validation history reported is member 0's.
     """
@@ -144,7 +142,6 @@ class MaintenanceConfig(YamlConfig):
     age_scale: float = 100.0
     input_noise: float = 0.0
     input_smoothing: InputSmoothingConfig = field(default_factory=InputSmoothingConfig)
-    weight_ema: float | None = None
     ensemble_size: int = 1
     val_max_rul: float | None = None
     rul_smoothing: int = 1
@@ -173,10 +170,6 @@ class MaintenanceConfig(YamlConfig):
             raise MaintenanceDataError(f"input_noise={self.input_noise}: expected >= 0")
         if self.val_max_rul is not None and self.val_max_rul <= 0:
             raise MaintenanceDataError(f"val_max_rul={self.val_max_rul}: expected > 0 or null")
-        if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
-            raise MaintenanceDataError(
-                f"weight_ema={self.weight_ema}: expected 0 < decay < 1 or null"
-            )
         if self.ensemble_size < 1:
             raise MaintenanceDataError(f"ensemble_size={self.ensemble_size}: expected >= 1")
         if self.rul_smoothing < 1:

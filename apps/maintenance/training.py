@@ -55,7 +55,6 @@ from apps.maintenance.predictor import (
     feature_names,
     normalizer_state,
 )
-from apps.maintenance.weight_ema import WeightEMA
 from apps.maintenance.windows import WindowSet, build_windows
 from core.engine import build_trainer, seed_everything
 from core.spec import EvalResult
@@ -297,9 +296,7 @@ def _train_member(
     train_dl = batch_loader(w_train, cfg.batch_size, True, cfg.steps_per_epoch, g)
     val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
     best = BestValidationRMSE(cfg.early_stopping_patience)
-    callbacks: list[lightning.Callback] = [best]  # EMA after best: best sees EMA weights
-    if cfg.weight_ema is not None:
-        callbacks.append(WeightEMA(cfg.weight_ema))
+    callbacks: list[lightning.Callback] = [best]
     tcfg = cfg.trainer
     if k > 0 and tcfg.seed is not None:
         tcfg = dataclasses.replace(tcfg, seed=member_seed(tcfg.seed, k))
