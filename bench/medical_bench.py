@@ -417,6 +417,9 @@ def _configure(args: argparse.Namespace) -> tuple[MedicalConfig, str]:
     if args.tta:
         dc.tta_flips = True
         label += " (flip TTA)"
+    if args.pos_size_power is not None:  # oversample small nodules (the misses)
+        dc.pos_size_power = args.pos_size_power
+        label += f" (positives ~ diameter^-{args.pos_size_power:g})"
     if args.minutes is not None:
         dc.train_minutes = args.minutes
         label += f" ({args.minutes:g} min training budget)"
@@ -437,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spacing", type=float, help="isotropic grid in mm (config: 3)")
     ap.add_argument("--crop", type=int, help="training/inference crop edge in voxels")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    ap.add_argument("--pos-size-power", type=float, help="positive crops ~ diameter^-p")
     ap.add_argument("--cpu-small", action="store_true", help="smaller backbone for CPU runs")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing")
     ap.add_argument("--timing", action="store_true", help="time whole-scan inference")

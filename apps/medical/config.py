@@ -77,13 +77,17 @@ class DetectorConfig:
     ``train_minutes`` stops training after that wall time (None: run all epochs).
     ``nms_grid_mm``: NMS radii tried on the validation series (``data.val_fraction``).
     ``tta_flips`` (dense only): average the heat maps of the scan and of its z, y and x
-    flips at inference (4x the work).
+    flips at inference (4x the work). ``pos_size_power`` (dense only): nodule-centred crops
+    pick nodule ``i`` with probability proportional to ``diameter_i ** -pos_size_power``
+    (0: uniform over nodules), so small nodules, which the detector misses most, are seen
+    more often.
     """
 
     kind: str = "token"
     stem_channels: int = 16
     sigma_mm: tuple[float, float] = (1.5, 4.0)
     pos_fraction: float = 0.5
+    pos_size_power: float = 0.0
     samples_per_epoch: int = 512
     infer_stride_zyx: tuple[int, int, int] | None = None
     train_minutes: float | None = None

@@ -288,8 +288,9 @@ class DenseCropDataset(Dataset):
 
     The bank (``bank``, a :class:`FilterBank`) runs once per whole training scan, exactly as
     at inference, and is kept in float16. ``pos_fraction`` of the items are centred near a
-    nodule (uniform over nodules, the nodule anywhere in the crop but 3 voxels from its
-    faces), the rest at random voxels of the (dilated) lung field. Augmentations keep the
+    nodule (the nodule anywhere in the crop but 3 voxels from its faces; nodule ``i`` drawn
+    with probability ~ ``diameter_i ** -pos_size_power``, uniformly at 0), the rest at
+    random voxels of the (dilated) lung field. Augmentations keep the
     labels and the features valid (Gaussians and Hessian eigenvalues are invariant under
     axis flips and transposes): flips of any axis, swapping y and x, and an intensity
     jitter ``x * a + b`` (``a ~ U(0.9, 1.1)``, ``b ~ U(-0.03, 0.03)``) applied as ``a, b`` on
@@ -309,6 +310,7 @@ class DenseCropDataset(Dataset):
         seed: int = 0,
         augment: bool = True,
         bank: FilterBank | None = None,
+        pos_size_power: float = 0.0,
     ) -> None:
         self.scans, self.nodules, self.excluded = list(scans), list(nodules), list(excluded)
         self.crop = np.asarray([int(c) for c in crop_zyx])
@@ -319,6 +321,13 @@ class DenseCropDataset(Dataset):
         self.augment = augment
         self.rng = np.random.default_rng(seed)
         self.index = [(i, k) for i, (c, _) in enumerate(self.nodules) for k in range(len(c))]
+        # P(nodule) ~ diameter ** -pos_size_power: small nodules are the ones missed
+        self.pos_size_power = float(pos_size_power)
+        if pos_size_power < 0:
+            raise ValueError(f"pos_size_power must be >= 0, got {pos_size_power}")
+        dia = np.asarray([self.nodules[i][1][k] for i, k in self.index], dtype=np.float64)
+        w = np.maximum(dia, 1.0) ** -float(pos_size_power) if len(dia) else dia
+        self.pos_prob = w / w.sum() if len(dia) else w
         self.lung_idx = [np.flatnonzero(s.lung.ravel()) for s in self.scans]
         bank = bank or FilterBank()
         dev = bank.g0.device
@@ -340,7 +349,11 @@ class DenseCropDataset(Dataset):
             self.rng = np.random.default_rng([self.seed, 1 + info.id])
         rng = self.rng
         if self.index and rng.random() < self.pos_fraction:
-            i, k = self.index[int(rng.integers(len(self.index)))]
+            if self.pos_size_power:
+                j = int(rng.choice(len(self.index), p=self.pos_prob))
+            else:  # uniform: the same random stream as before the option existed
+                j = int(rng.integers(len(self.index)))
+            i, k = self.index[j]
             half = np.maximum(self.crop // 2 - 3, 0)
             return i, self.nodules[i][0][k] + rng.uniform(-half, half)
         i = int(rng.integers(len(self.scans)))

@@ -350,6 +350,7 @@ def dense_crop_loader(
         dc.sigma_mm,
         seed=cfg.seed,
         bank=bank,
+        pos_size_power=dc.pos_size_power,
     )
     bank.cpu()
     workers = 0

@@ -127,6 +127,45 @@ def test_dataset_oversamples_nodules_and_one_step_trains():
     assert losses[-1] < losses[0]
 
 
+def test_size_weighted_positive_sampling_follows_the_diameter_power():
+    """pos_size_power=2: a 4 mm and a 16 mm nodule are drawn 16:1 (diameter^-2), measured
+    over many draws; 0 keeps the uniform choice."""
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    nod = (np.array([[9.0, 11.0, 13.0], [9.0, 11.0, 20.0]]), np.array([4.0, 16.0]))
+
+    def share_of_small(power: float) -> float:
+        ds = DenseCropDataset(
+            [scan],
+            [nod],
+            [np.zeros((0, 3))],
+            (12, 12, 12),
+            (3.0, 3.0, 3.0),
+            n_samples=8,
+            pos_fraction=1.0,
+            bank=FilterBank((1.0,)),
+            pos_size_power=power,
+            seed=3,
+        )
+        np.testing.assert_allclose(ds.pos_prob.sum(), 1.0)
+        # each centre lies within crop/2 - 3 = 3 voxels of its nodule: x < 16.5 is the small one
+        xs = np.array([ds._centre()[1][2] for _ in range(4000)])
+        return float(np.mean(xs < 16.5))
+
+    assert abs(share_of_small(2.0) - 16 / 17) < 0.02
+    assert abs(share_of_small(0.0) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="pos_size_power"):
+        DenseCropDataset(
+            [scan],
+            [nod],
+            [np.zeros((0, 3))],
+            (12, 12, 12),
+            (3.0, 3.0, 3.0),
+            8,
+            bank=FilterBank((1.0,)),
+            pos_size_power=-1.0,
+        )
+
+
 def test_validation_split_is_disjoint_and_seeded():
     scans = [
         PreparedScan(np.zeros((2, 2, 2)), np.ones((2, 2, 2), bool), np.eye(4), str(i))
