@@ -99,18 +99,24 @@ def test_sliding_window_covers_volume_and_candidates_land_in_world_mm():
     assert np.allclose(found, [9.0, 11.3, 13.0], atol=0.25), found
 
 
-def test_dataset_oversamples_nodules_and_one_step_trains():
-    scan = _scan_with_blob((9.0, 11.0, 13.0))
-    ds = DenseCropDataset(
+def _positive_crops(scan, nodules, **kw) -> DenseCropDataset:
+    """8 nodule-centred 12^3 crops of one 3 mm scan, one-scale filter bank."""
+    return DenseCropDataset(
         [scan],
-        [(np.array([[9.0, 11.0, 13.0]]), np.array([12.0]))],
+        [nodules],
         [np.zeros((0, 3))],
         (12, 12, 12),
         (3.0, 3.0, 3.0),
         n_samples=8,
         pos_fraction=1.0,
         bank=FilterBank((1.0,)),
+        **kw,
     )
+
+
+def test_dataset_oversamples_nodules_and_one_step_trains():
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    ds = _positive_crops(scan, (np.array([[9.0, 11.0, 13.0]]), np.array([12.0])))
     items = [ds[i] for i in range(len(ds))]
     assert all(float(it["target_BZYX"].max()) == 1.0 for it in items)  # every crop holds it
     assert items[0]["features"].shape == (5, 12, 12, 12)
@@ -134,18 +140,7 @@ def test_size_weighted_positive_sampling_follows_the_diameter_power():
     nod = (np.array([[9.0, 11.0, 13.0], [9.0, 11.0, 20.0]]), np.array([4.0, 16.0]))
 
     def share_of_small(power: float) -> float:
-        ds = DenseCropDataset(
-            [scan],
-            [nod],
-            [np.zeros((0, 3))],
-            (12, 12, 12),
-            (3.0, 3.0, 3.0),
-            n_samples=8,
-            pos_fraction=1.0,
-            bank=FilterBank((1.0,)),
-            pos_size_power=power,
-            seed=3,
-        )
+        ds = _positive_crops(scan, nod, pos_size_power=power, seed=3)
         np.testing.assert_allclose(ds.pos_prob.sum(), 1.0)
         # each centre lies within crop/2 - 3 = 3 voxels of its nodule: x < 16.5 is the small one
         xs = np.array([ds._centre()[1][2] for _ in range(4000)])
@@ -154,16 +149,7 @@ def test_size_weighted_positive_sampling_follows_the_diameter_power():
     assert abs(share_of_small(2.0) - 16 / 17) < 0.02
     assert abs(share_of_small(0.0) - 0.5) < 0.03
     with pytest.raises(ValueError, match="pos_size_power"):
-        DenseCropDataset(
-            [scan],
-            [nod],
-            [np.zeros((0, 3))],
-            (12, 12, 12),
-            (3.0, 3.0, 3.0),
-            8,
-            bank=FilterBank((1.0,)),
-            pos_size_power=-1.0,
-        )
+        _positive_crops(scan, nod, pos_size_power=-1.0)
 
 
 def test_validation_split_is_disjoint_and_seeded():
