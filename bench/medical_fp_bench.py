@@ -11,9 +11,11 @@ data split is the one ``bench.medical_bench`` uses: held-out series by UID
 the NMS radius (``data.val_fraction``). Stage 2 trains on the first ``--fit-scans`` fitting
 series (all by default), never on validation or held-out ones.
 
-Stage-1 candidates are cached per series in ``--cache`` (Parquet, exactly what
-``NoduleDetector.detect`` returns with stage 2 off): stage 1 dominates the cost on a CPU
-(about 20-50 s per synthetic series on 2 cores), so a re-run only trains and scores stage 2.
+Stage-1 candidates are cached per series in ``--cache`` (Parquet; what
+:func:`apps.medical.model.stage1_candidates` returns, i.e. ``NoduleDetector.detect`` before
+stage 2): stage 1 dominates the cost on a CPU (about 20-50 s per synthetic series on 2
+cores), so a re-run only trains and scores stage 2. Also reported: each stage's ROC-AUC for
+telling held-out candidates inside a nodule from false positives.
 The held-out figures are computed from those cached candidates with the fused probability,
 which is what ``NoduleDetector.detect`` computes with stage 2 on (tested in
 ``tests/apps/medical/test_predictor.py``). Writes ``synthetic_*_two_stage`` keys to
@@ -35,20 +37,42 @@ from bench.common import record
 
 
 def cached_candidates(predictor: Any, scan: Any, cache: Path) -> pd.DataFrame:
-    """Stage-1 candidates of ``scan`` (stage 2 off), from ``cache`` or computed into it."""
+    """Stage-1 candidates of ``scan``, from ``cache`` or computed into it."""
+    from apps.medical.model import stage1_candidates
+
     path = cache / f"{scan.seriesuid}.parquet"
     if path.is_file():
         return pd.read_parquet(path)
-    enabled = predictor.config.fp_reduction.enabled
-    predictor.config.fp_reduction.enabled = False
-    try:
-        cands = predictor.detect(scan)
-    finally:
-        predictor.config.fp_reduction.enabled = enabled
+    cands = stage1_candidates(predictor.config, predictor.detector, scan)
     tmp = path.with_suffix(".tmp")
     cands.to_parquet(tmp)
     tmp.replace(path)
     return cands
+
+
+def separation_auc(
+    stage1: list[pd.DataFrame], p2: list[np.ndarray], truth: Any, uids: list[str]
+) -> dict[str, float]:
+    """ROC-AUC of each stage's score for telling candidates inside a nodule (LUNA16 hit:
+    within its radius) from false positives; candidates on excluded findings are left out."""
+    from sklearn.metrics import roc_auc_score
+
+    from apps.medical.froc import match_candidates
+
+    sub = truth.subset(uids)
+    # match_candidates keeps the row order (it returns the validated frame, reindexed)
+    labelled, _ = match_candidates(
+        pd.concat(stage1, ignore_index=True), sub.annotations, uids, sub.excluded
+    )
+    p2_all = np.concatenate(p2) if p2 else np.zeros(0)
+    keep = labelled["status"].isin(["tp", "duplicate", "fp"]).to_numpy()
+    y = labelled["status"].isin(["tp", "duplicate"]).to_numpy()[keep]
+    return {
+        "stage1": float(roc_auc_score(y, labelled["probability"].to_numpy()[keep])),
+        "stage2": float(roc_auc_score(y, p2_all[keep])),
+        "n_candidates": int(keep.sum()),
+        "n_inside_nodules": int(y.sum()),
+    }
 
 
 def froc_of(frames: list[pd.DataFrame], truth: Any, uids: list[str]) -> dict[str, Any]:
@@ -118,19 +142,30 @@ def main() -> None:
     del scans
 
     fp_model.to(device)
-    frames: dict[float, list[pd.DataFrame]] = {w: [] for w in sorted({*args.grid, 0.0, 1.0})}
+    stage1, p2s = [], []
     for u in held:
         scan = prepare(cfg, load_raw_scan(args.data, u))
         c = cached_candidates(predictor, scan, args.cache)
-        p2 = (
+        stage1.append(c)
+        p2s.append(
             score_candidates(fp_model, scan.image, c[["z", "y", "x"]].to_numpy(), fc.crop_zyx)
             if len(c)
             else np.zeros(0)
         )
-        for w in frames:
-            frames[w].append(c.assign(probability=fuse_scores(c["probability"].to_numpy(), p2, w)))
     held = list(held)
-    by_weight = {f"{w:g}": froc_of(f, truth, held) for w, f in frames.items()}
+    by_weight = {
+        f"{w:g}": froc_of(
+            [
+                c.assign(probability=fuse_scores(c["probability"].to_numpy(), p, w))
+                for c, p in zip(stage1, p2s, strict=True)
+            ],
+            truth,
+            held,
+        )
+        for w in sorted({*args.grid, 0.0, 1.0})
+    }
+    auc = separation_auc(stage1, p2s, truth, held)
+    print(f"[fp] held-out ROC-AUC, inside a nodule vs false positive: {auc}")
     chosen = by_weight[f"{weight:g}"]
     print(f"[fp] held-out, chosen weight {weight:g}: {chosen}")
     print(f"[fp] stage 1 alone: {by_weight['0']}")
@@ -140,6 +175,7 @@ def main() -> None:
         **chosen,
         "score_weight_chosen_on_validation": weight,
         "heldout_by_weight": by_weight,
+        "heldout_candidate_roc_auc": auc,
         "stage1_model": str(args.model_dir),
         "n_fit_series_stage2": len(fit),
         "n_validation_series": len(val),

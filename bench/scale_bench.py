@@ -854,8 +854,10 @@ def load_medical_teacher(path: Path, tcfg: Any) -> Any:
 
 
 def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
-    """Teacher, distilled student, scratch student (same budget) of the two-stage token
-    detector on the npz phantoms; LUNA16 CPM on the held-out series (split by series UID)."""
+    """Teacher, distilled student, scratch student (same budget) of the medical detector
+    (``--medical-detector``: the two-stage token detector, or the dense voxel heat map alone)
+    on the npz phantoms; LUNA16 CPM on the held-out series (split by series UID). The
+    teacher is trained here, or loaded with ``--medical-teacher-dir``."""
     import numpy as np
 
     from apps.medical.data import load_raw_scan, read_truth, split_series

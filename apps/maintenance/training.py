@@ -324,14 +324,14 @@ def fit(
         state |= {"input_smoothing": cfg.input_smoothing.to_dict()}
     w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
     w_val = split_windows(state, data.policy, cfg.window)
-    members, losses, bests = [], [], []
+    members, losses = [], []
     for k in range(cfg.ensemble_size):
-        member, member_losses, best = _train_member(cfg, w_train, w_val, k, logger, device)
+        member, member_losses, member_best = _train_member(cfg, w_train, w_val, k, logger, device)
         members.append(member)
         losses += member_losses
-        bests.append(best)
+        if k == 0:
+            best = member_best  # the validation history reported is member 0's
     model = members[0] if cfg.ensemble_size == 1 else RULEnsemble(members).eval()
-    best = bests[0]
     tu = time_unit_of(data)
     pred_dev = device if device not in (None, "cpu") and torch.cuda.is_available() else "cpu"
     val_rul, _ = model.to(pred_dev).predict_windows(w_val.x, w_val.mask)

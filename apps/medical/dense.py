@@ -326,8 +326,8 @@ class DenseCropDataset(Dataset):
         if pos_size_power < 0:
             raise ValueError(f"pos_size_power must be >= 0, got {pos_size_power}")
         dia = np.asarray([self.nodules[i][1][k] for i, k in self.index], dtype=np.float64)
-        w = np.maximum(dia, 1.0) ** -float(pos_size_power) if len(dia) else dia
-        self.pos_prob = w / w.sum() if len(dia) else w
+        w = np.maximum(dia, 1.0) ** -self.pos_size_power
+        self.pos_prob = w / w.sum() if len(w) else w
         self.lung_idx = [np.flatnonzero(s.lung.ravel()) for s in self.scans]
         bank = bank or FilterBank()
         dev = bank.g0.device

@@ -159,6 +159,18 @@ def fit_detector(
     return model.cpu().eval()
 
 
+def _stage1_of(
+    cfg: MedicalConfig,
+    detector: Any,
+    scan: PreparedScan,
+    candidates: Mapping[str, pd.DataFrame] | None,
+) -> pd.DataFrame:
+    """The scan's stage-1 candidates: from ``candidates`` (by series UID) when there, else run."""
+    if candidates is not None and scan.seriesuid in candidates:
+        return candidates[scan.seriesuid]
+    return stage1_candidates(cfg, detector, scan)
+
+
 def fp_samples(
     cfg: MedicalConfig,
     detector: NoduleHeatmapModel,
@@ -187,10 +199,7 @@ def fp_samples(
             for n in nod
             for _ in range(fc.crops_per_nodule)
         ]
-        if candidates is not None and scan.seriesuid in candidates:
-            cands = candidates[scan.seriesuid]
-        else:
-            cands = stage1_candidates(cfg, detector, scan)
+        cands = _stage1_of(cfg, detector, scan, candidates)
         pts = cands[["z", "y", "x"]].to_numpy()
 
         groups = ((nod, np.maximum(radii, 5.0)), (exc, np.full(len(exc), 5.0)))
@@ -254,12 +263,8 @@ def fit_fp_reduction(
     trainer.fit(model, train_dataloaders=loader)
     model = model.cpu().eval()
     if val_scans:
-        val_cands = [
-            candidates[s.seriesuid]
-            if candidates is not None and s.seriesuid in candidates
-            else stage1_candidates(cfg, detector.to(device), s)
-            for s in val_scans
-        ]
+        detector.to(device)
+        val_cands = [_stage1_of(cfg, detector, s, candidates) for s in val_scans]
         fc.score_weight = choose_score_weight(cfg, model, val_scans, val_cands, truth)
     detector.cpu()
     return model
