@@ -7,7 +7,9 @@ imports only numpy/scipy, so it is cheap to use outside MONAI pipelines
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -23,6 +25,7 @@ def lung_mask(
     max_components: int = 2,
     min_volume_ml: float = 20.0,
     closing_mm: float = 10.0,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Boolean lung field: air below ``threshold_hu``, connected components (6-neighbour),
     dropping those touching the in-plane image border (air around the body; the z faces are
@@ -31,6 +34,10 @@ def lung_mask(
     by slice and per 2-D component (so the two lungs are never bridged), a morphological
     closing with a disc of ``closing_mm`` takes back juxta-pleural nodules (which notch the
     pleura), and holes are filled so vessels and nodules inside the lungs are included.
+
+    The slice-by-slice part is most of the cost (about 0.9 s of 1.0 s on a 200x240x240
+    grid) and scipy releases the GIL in it, so slices run on ``workers`` threads (default:
+    the usable cores, at most 8); every slice is computed exactly as in a serial loop.
     """
     hu = np.asarray(hu_ZYX)
     if hu.ndim != 3:
@@ -62,12 +69,35 @@ def lung_mask(
     ]
     mask = np.isin(labels, keep)
     spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
-    for z in range(mask.shape[0]):
+
+    def finish_slice(z: int) -> None:
         if mask[z].any():
             if closing_mm > 0:
                 mask[z] = _close_components_2d(mask[z], spacing_yx, closing_mm)
-            mask[z] = ndimage.binary_fill_holes(mask[z])
+            mask[z] = fill_holes_2d(mask[z])
+
+    n_workers = workers if workers is not None else min(8, len(os.sched_getaffinity(0)))
+    if n_workers <= 1:
+        for z in range(mask.shape[0]):
+            finish_slice(z)
+    else:  # each task writes only its own slice
+        with ThreadPoolExecutor(n_workers) as pool:
+            list(pool.map(finish_slice, range(mask.shape[0])))
     return mask
+
+
+def fill_holes_2d(mask_YX: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (4-connected background) by one labelling of the
+    background instead of its iterated dilation, which was the slowest step of the mask:
+    a hole is a background component that does not touch the image border."""
+    labels, n = ndimage.label(~mask_YX)
+    if n == 0:
+        return mask_YX.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask_YX | ~outside[labels]
 
 
 def _close_components_2d(
