@@ -35,9 +35,11 @@ def lung_mask(
     closing with a disc of ``closing_mm`` takes back juxta-pleural nodules (which notch the
     pleura), and holes are filled so vessels and nodules inside the lungs are included.
 
-    The slice-by-slice part is most of the cost (about 0.9 s of 1.0 s on a 200x240x240
-    grid) and scipy releases the GIL in it, so slices run on ``workers`` threads (default:
-    the usable cores, at most 8); every slice is computed exactly as in a serial loop.
+    The slice-by-slice part is most of the cost, and scipy's labelling and distance
+    transforms release the GIL for much of it, so slices run on ``workers`` threads
+    (default: the usable cores, at most 8); each slice is computed exactly as in a serial
+    loop. On a 200x240x240 grid (2 cores): 1.07 s serial with ``binary_fill_holes``,
+    0.62 s with :func:`fill_holes_2d`, 0.43 s on 2 threads.
     """
     hu = np.asarray(hu_ZYX)
     if hu.ndim != 3:
@@ -76,7 +78,7 @@ def lung_mask(
                 mask[z] = _close_components_2d(mask[z], spacing_yx, closing_mm)
             mask[z] = fill_holes_2d(mask[z])
 
-    n_workers = workers if workers is not None else min(8, len(os.sched_getaffinity(0)))
+    n_workers = workers if workers is not None else min(8, _usable_cores())
     if n_workers <= 1:
         for z in range(mask.shape[0]):
             finish_slice(z)
@@ -84,6 +86,12 @@ def lung_mask(
         with ThreadPoolExecutor(n_workers) as pool:
             list(pool.map(finish_slice, range(mask.shape[0])))
     return mask
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # honours taskset / container CPU sets (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def fill_holes_2d(mask_YX: np.ndarray) -> np.ndarray:
