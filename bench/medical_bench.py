@@ -93,8 +93,7 @@ def prepare(out: Path, cfg: MedicalConfig, workers: int | None = None) -> Path:
 
 def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> dict[str, float]:
     """Train on the training series, LUNA16 FROC on the held-out ones, record the figures."""
-    from apps.medical.data import load_raw_scan, read_truth, split_series
-    from apps.medical.data import prepare as prep
+    from apps.medical.data import load_prepared, load_raw_scan, read_truth, split_series
     from apps.medical.evaluation import evaluate_scans, froc_metrics
     from apps.medical.predictor import NoduleDetector
     from apps.medical.training import fit_detector, fit_fp_reduction
@@ -103,7 +102,7 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
     truth = read_truth(data)
     train, held = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
     t0 = time.time()
-    scans = [prep(cfg, load_raw_scan(data, u)) for u in train]
+    scans = load_prepared(cfg, data, train)
     t_prep = time.time() - t0
     det = fit_detector(cfg, scans, truth.subset(train))
     fp = (

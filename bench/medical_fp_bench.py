@@ -95,7 +95,7 @@ def froc_of(frames: list[pd.DataFrame], truth: Any, uids: list[str]) -> dict[str
 
 
 def main() -> None:
-    from apps.medical.data import load_raw_scan, prepare, read_truth, split_series
+    from apps.medical.data import load_prepared, load_raw_scan, prepare, read_truth, split_series
     from apps.medical.model import fuse_scores, score_candidates
     from apps.medical.predictor import NoduleDetector
     from apps.medical.training import fit_fp_reduction, split_validation
@@ -125,7 +125,7 @@ def main() -> None:
     truth = read_truth(args.data)
     train, held = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
     t0 = time.time()
-    scans = [prepare(cfg, load_raw_scan(args.data, u)) for u in train]
+    scans = load_prepared(cfg, args.data, train)
     fit, val = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
     fit = fit[: args.fit_scans] if args.fit_scans else fit
     print(f"[fp] {len(fit)} fitting, {len(val)} validation, {len(held)} held-out series")

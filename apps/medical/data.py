@@ -151,8 +151,24 @@ def prepare(cfg: MedicalConfig, scan: Scan, device: str | None = None) -> Prepar
     )
 
 
-def load_prepared(cfg: MedicalConfig, root: Path, uids: list[str]) -> list[PreparedScan]:
-    return [prepare(cfg, load_raw_scan(root, u)) for u in uids]
+def preparation_device() -> str | None:
+    """Where training scans are prepared: the GPU when there is one (resampling and the
+    lung-margin dilation in torch; the same grid and sets as the CPU path, equal up to
+    float32 rounding, and the same path whole-scan inference takes there), else scipy on
+    the CPU, where preparing the 96 training scans of the bench at 1.5 mm took 163 s of a
+    574 s H200 call (the lung mask stays on the CPU either way)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def load_prepared(
+    cfg: MedicalConfig, root: Path, uids: list[str], device: str | None = "auto"
+) -> list[PreparedScan]:
+    """The series ``uids`` of dataset folder ``root``, prepared on ``cfg``'s grid, in order
+    (``device="auto"``: :func:`preparation_device`; ``None``: the CPU path)."""
+    dev = preparation_device() if device == "auto" else device
+    return [prepare(cfg, load_raw_scan(root, u), dev) for u in uids]
 
 
 def findings_zyx(frame: pd.DataFrame, scan: PreparedScan) -> np.ndarray:

@@ -36,7 +36,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from apps.medical.config import MedicalConfig
-from apps.medical.data import ensure_dataset, load_raw_scan, prepare, read_truth, split_series
+from apps.medical.data import (
+    ensure_dataset,
+    load_prepared,
+    read_truth,
+    split_series,
+)
 from apps.medical.errors import MedicalDataError
 from apps.medical.model import FPReductionModel, NoduleHeatmapModel
 from apps.medical.predictor import NoduleDetector
@@ -184,7 +189,7 @@ def distill_fit_predictor(
         truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed
     )
     if scans is None:
-        scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
+        scans = load_prepared(cfg, root, train_uids)
     elif [s.seriesuid for s in scans] != list(train_uids):
         raise MedicalDataError(
             f"distill_fit_predictor: the {len(scans)} prepared scans given are not the "

@@ -50,8 +50,7 @@ class LungNoduleDetector:
         config's ``data.root``). Returns self."""
         from apps.medical.data import (
             ensure_dataset,
-            load_raw_scan,
-            prepare,
+            load_prepared,
             read_truth,
             split_series,
         )
@@ -65,7 +64,7 @@ class LungNoduleDetector:
         root = ensure_dataset(cfg.data)
         truth = read_truth(root)
         train, held = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
-        scans = [prepare(cfg, load_raw_scan(root, u)) for u in train]
+        scans = load_prepared(cfg, root, train)
         tr = truth.subset(train)
         det = fit_detector(cfg, scans, tr)
         fp = fit_fp_reduction(cfg, det, scans, tr) if cfg.fp_reduction.enabled else None

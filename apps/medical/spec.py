@@ -10,8 +10,8 @@ import pandas as pd
 from apps.medical.config import MedicalConfig, demo_config
 from apps.medical.data import (
     ensure_dataset,
+    load_prepared,
     load_raw_scan,
-    prepare,
     read_truth,
     split_series,
 )
@@ -76,7 +76,7 @@ def train(cfg: MedicalConfig, run: Any = None) -> TrainResult:
     from core.tracking import fingerprint_paths
 
     root, truth, train_uids, held = _split(cfg)
-    scans = [prepare(cfg, load_raw_scan(root, u)) for u in train_uids]
+    scans = load_prepared(cfg, root, train_uids)
     tr_truth = truth.subset(train_uids)
     from core.tracking import lightning_logger
 
