@@ -24,12 +24,31 @@ rows; medical: stage-1 crops, capped at 1,024). Batch scoring runs large batches
 oriented so higher is better (maintenance: teacher_rmse / student_rmse; fraud and
 medical: student / teacher).
 
+Maintenance teacher (``--maint-teacher``): ``single`` (default; session 4) is one model of the
+FD001 recipe widened to ``--maint-teacher-d`` (default d64, 5.4x the student's active
+parameters); ``ensemble`` is the FD001 recipe as shipped, ``ensemble_size`` (3) d32 members
+with their own seeds, each trained ``--teacher-epochs``, and the teacher term targets the
+ensemble's mean prediction (``apps.maintenance.distillation``, stored soft labels). An ensemble's active parameters
+are the sum over its members and its throughput is all members' forward (every member runs
+on every window). Students (distilled and scratch, d32, 2 blocks) are the same with either
+teacher. Each run adds its seed to ``details.per_seed`` of a recorded entry with the same
+``run_config``; the recorded value is the mean over those seeds of the per-seed retention.
+
 Fraud: the student is the teacher's backbone shrunk to ``--fraud-student-d`` x
 ``--fraud-student-layers`` (dense); its teacher term is ``--fraud-distill-kind`` (``binary``:
 tempered two-class KL; ``regression``: ``--fraud-distill-loss`` on the logit), optionally
 weighted per row like the task loss (``--fraud-class-weighted``: frauds by ``pos_weight``).
 Both students keep their best epoch by validation AP. ``--fraud-teacher-dir`` saves the
 teacher after training and reuses it in later runs with the same config, epochs and seed.
+``--fraud-student mlp``: the student is instead the fastscore MLP
+(:mod:`apps.fraud.fastscore`, ``--fraud-mlp-hidden``, default 64, 32) fitted on the
+teacher's stored logits over the train + validation rows (soft labels on more data than
+the teacher trained on: it only trained on the train block, the validation block chose its
+epoch) with core's teacher term (``alpha`` 1, MSE on the logit); the scratch control is the
+same MLP with the same seed, rows, batches, steps and optimizer on the labels of those rows
+(BCE weighted by the app's ``head.pos_weight`` rule). Fixed settings (``--fraud-mlp-*``),
+no epoch selection (the validation rows are training rows). ``--fraud-student-seeds``
+repeats the students for several seeds against one teacher; the key is the mean.
 
 Medical uses the token detector with FP reduction (what ``apps/medical/distillation.py``
 distils; the dense detector is not distillable), the ``synthetic_bench`` sizes for the
@@ -197,9 +216,10 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from apps.maintenance.config import load_config
 
     teacher = load_config("fd001")
-    # one model per run: the fd001 recipe averages 3 members, and distillation (and the
-    # teacher/student parameter ratio) is defined for single models
-    teacher.ensemble_size = 1
+    ensemble = args.maint_teacher == "ensemble"
+    if not ensemble:
+        # one model: the fd001 recipe averages 3 members; the single teacher is one widened model
+        teacher.ensemble_size = 1
     if args.tiny:
         teacher.data.data_dir = str(ROOT / "data_samples/maintenance/cmapss")
         teacher.data.subset = "SYN"
@@ -209,12 +229,14 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         teacher.model.d_model, teacher.model.ffn_hidden = 32, 64
         teacher.model.moe.expert_hidden = 32
     else:
-        # the FD001 recipe is d_model 32 since session 3, only 1.4x the d32 student's active
-        # parameters; the issue asks for a teacher with >= 4x, so the teacher is widened
-        # (default d64 / FFN 128: 136,910 active parameters, 5.3x the student)
-        d = int(args.maint_teacher_d)
-        teacher.model.d_model, teacher.model.ffn_hidden = d, 2 * d
-        teacher.model.moe.expert_hidden = d
+        if not ensemble:
+            # the FD001 recipe is d_model 32 since session 3, only 1.4x the d32 student's
+            # active parameters; the issue asks for a teacher with >= 4x, so the single
+            # teacher is widened (default d64 / FFN 128: 137,934 active parameters, 5.4x).
+            # The ensemble teacher is the recipe itself: 3 x d32 members, ~4.2x the student
+            d = int(args.maint_teacher_d)
+            teacher.model.d_model, teacher.model.ffn_hidden = d, 2 * d
+            teacher.model.moe.expert_hidden = d
         if args.data_dir:
             teacher.data.data_dir = args.data_dir
     if args.train_stride:
@@ -222,15 +244,35 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     teacher.seed = args.seed
     teacher.trainer.seed = args.seed
     student = copy.deepcopy(teacher)
+    student.ensemble_size = 1  # the students are single models with either teacher
     student.model = dense_student_model(teacher.model, 16 if args.tiny else 32, n_layers=2)
     _device_trainer(teacher, args.device, args.teacher_epochs, args.precision)
     _device_trainer(student, args.device, args.student_epochs, args.precision)
     return teacher, student
 
 
+class AllMembersForward(torch.nn.Module):
+    """The scoring forward of a :class:`apps.maintenance.model.RULEnsemble` (which has
+    none: it scores through ``predict_windows``): every member's forward on the batch and
+    the mean of their outputs, so the ensemble's throughput counts all members' work."""
+
+    def __init__(self, ensemble: Any) -> None:
+        super().__init__()
+        self.members = ensemble.members
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([m(batch) for m in self.members]).mean(0)
+
+
+def scoring_module(model: Any) -> Any:
+    """What :func:`score_throughput` times: the model, or all members of an ensemble."""
+    return AllMembersForward(model) if hasattr(model, "members") else model
+
+
 def _maint_row(
     name: str, predictor: Any, data: Any, cfg: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
+    from apps.maintenance.distillation import model_active_params
     from apps.maintenance.training import evaluate_prepared, split_windows
 
     ev = evaluate_prepared(predictor, data, cfg, figures=False)
@@ -243,9 +285,9 @@ def _maint_row(
         "phm08_capped": m.get("phm08_capped"),
         "lead_time_median": m.get("lead_time_median"),
         "lead_detection_rate": m.get("lead_detection_rate"),
-        "active_params": count_active_params(predictor.model),
+        "active_params": model_active_params(predictor.model),
         "windows_per_s": {
-            b: score_throughput(predictor.model, arrays, b, args.device)
+            b: score_throughput(scoring_module(predictor.model), arrays, b, args.device)
             for b in score_batches(args)
         },
     }
@@ -253,21 +295,129 @@ def _maint_row(
     return row | {"protocol": ev.protocol}
 
 
+def maint_teacher_description(tcfg: Any, args: argparse.Namespace) -> str:
+    m = tcfg.model
+    one = f"d{m.d_model}, {m.n_layers} blocks, FFN {m.ffn_hidden}"
+    if args.maint_teacher == "ensemble":
+        return f"fd001 recipe ensemble: mean of {tcfg.ensemble_size} members ({one}), own seeds"
+    return f"single model ({one})"
+
+
+def maint_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What must match for two seeds' runs to be averaged into one recorded figure."""
+    return {
+        "maint_teacher": args.maint_teacher,
+        "maint_teacher_d": None if args.maint_teacher == "ensemble" else args.maint_teacher_d,
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+        "alpha": args.alpha,
+        "train_stride": args.train_stride,
+        "data_dir": args.data_dir,
+        "tiny": args.tiny,
+        "device": args.device,
+    }
+
+
+def maint_seed_row(rows: list[dict[str, Any]], details: dict[str, Any], wall_s: float) -> dict:
+    """One seed's figures (teacher, distilled, scratch) for ``details.per_seed``."""
+    t, d, s = rows
+    return {
+        "teacher_rmse": t["rmse_capped"],
+        "distilled_rmse": d["rmse_capped"],
+        "scratch_rmse": s["rmse_capped"],
+        "retention": t["rmse_capped"] / d["rmse_capped"],
+        "scratch_retention": t["rmse_capped"] / s["rmse_capped"],
+        "distilled_beats_scratch": d["rmse_capped"] < s["rmse_capped"],
+        "teacher_lead": t["lead_time_median"],
+        "distilled_lead": d["lead_time_median"],
+        "scratch_lead": s["lead_time_median"],
+        "speedup_target_batch": details["throughput"]["student_speedup_at_target_batch"],
+        "teacher_over_student_active_params": details["teacher_over_student_active_params"],
+        "wall_seconds": wall_s,
+    }
+
+
+def _recorded(area: str, key: str) -> dict[str, Any] | None:
+    """The entry already recorded under ``key`` in ``<KEEL_BENCH_RESULTS>/<area>.json``."""
+    import os
+
+    from bench.common import RESULTS_DIR
+
+    path = Path(os.environ.get("KEEL_BENCH_RESULTS", RESULTS_DIR)) / f"{area}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get(key)
+
+
+def merge_seed_runs(
+    previous: dict[str, Any] | None, details: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """(value, details) with this seed's row merged into a recorded entry of the same
+    ``run_config`` (other seeds kept, this seed replaced): value = mean over seeds of the
+    per-seed retention (teacher RMSE / distilled RMSE), with the per-seed means of RMSEs,
+    lead times and speed-ups. A recorded entry of another config is replaced."""
+    import statistics
+
+    per_seed = dict(details["per_seed"])
+    prev = (previous or {}).get("details") or {}
+    if prev.get("run_config") == details["run_config"]:
+        per_seed = {**prev.get("per_seed", {}), **per_seed}
+    seeds = sorted(per_seed, key=int)
+    ret = [per_seed[s]["retention"] for s in seeds]
+
+    def mean_of(name: str) -> float | None:
+        vals = [per_seed[s][name] for s in seeds if per_seed[s][name] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    summary = {
+        name: mean_of(name)
+        for name in (
+            "teacher_rmse",
+            "distilled_rmse",
+            "scratch_rmse",
+            "teacher_lead",
+            "distilled_lead",
+            "scratch_lead",
+            "speedup_target_batch",
+        )
+    }
+    summary |= {
+        "retention_sd": statistics.stdev(ret) if len(ret) > 1 else None,
+        "distilled_beats_scratch_seeds": sum(per_seed[s]["distilled_beats_scratch"] for s in seeds),
+        "n_seeds": len(seeds),
+    }
+    out = {
+        **details,
+        "per_seed": {s: per_seed[s] for s in seeds},
+        "seeds": [int(s) for s in seeds],
+        "mean_over_seeds": summary,
+        "value_definition": "mean over seeds of teacher RMSE / distilled-student RMSE",
+    }
+    return statistics.fmean(ret), out
+
+
 def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
     from apps.maintenance.data import prepare_data
     from apps.maintenance.distillation import distill_fit_predictor
     from apps.maintenance.training import fit
 
+    t_run = time.perf_counter()
     tcfg, scfg = maintenance_configs(args)
     data = prepare_data(tcfg)
-    say("maintenance: data ready; teacher")
+    say(f"maintenance: data ready; teacher ({args.maint_teacher})")
     t0 = time.perf_counter()
     teacher = fit(tcfg, data=data, device=args.device).predictor
     t_teacher = time.perf_counter() - t0
     say("maintenance: distilled student")
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     t0 = time.perf_counter()
+    # an ensemble teacher's targets are its mean prediction, stored before training (app docs)
     distilled = distill_fit_predictor(scfg, teacher, {"alpha": args.alpha}, data=data).predictor
     t_distill = time.perf_counter() - t0
+    after = teacher.model.state_dict()
+    teacher_unchanged = before.keys() == after.keys() and all(
+        torch.equal(v, after[k]) for k, v in before.items()
+    )
     say("maintenance: scratch student")
     t0 = time.perf_counter()
     scratch = fit(scfg, data=data, device=args.device).predictor
@@ -294,9 +444,20 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": protocol,
         "machine": machine(),
         "seed": args.seed,
+        "teacher": maint_teacher_description(tcfg, args),
+        "teacher_unchanged_by_distillation": teacher_unchanged,
+        "distilled_beats_scratch": rows[1]["rmse_capped"] < rows[2]["rmse_capped"],
+        "run_config": maint_run_config(args),
     }
+    say(f"maintenance: teacher / student active params {ratio:.2f}x (target >= 4x)")
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
+    seed_row = maint_seed_row(rows, details, time.perf_counter() - t_run)
+    details["per_seed"] = {str(args.seed): seed_row}
+    if not args.no_record:
+        retention, details = merge_seed_runs(
+            _recorded("scale", "maintenance_student_retention"), details
+        )
     return {"maintenance_student_retention": (retention, details)}
 
 
@@ -587,14 +748,21 @@ def fraud_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 def _fraud_row(
     name: str, predictor: Any, ev: Any, inputs: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
+    return _score_row(name, ev.metrics, predictor.model, inputs, args)
+
+
+def _score_row(
+    name: str, metrics: dict[str, float], model: Any, inputs: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One table row: test-block ranking metrics, active parameters, rows/s per batch size."""
     row = {
         "model": name,
-        "pr_auc": ev.metrics["pr_auc"],
-        "roc_auc": ev.metrics.get("roc_auc"),
-        "active_params": count_active_params(predictor.model),
+        "pr_auc": metrics["pr_auc"],
+        "roc_auc": metrics.get("roc_auc"),
+        "recall_at_p90": metrics.get("recall_at_precision_0.9"),
+        "active_params": count_active_params(model),
         "rows_per_s": {
-            b: score_throughput(predictor.model, inputs, b, args.device)
-            for b in score_batches(args)
+            b: score_throughput(model, inputs, b, args.device) for b in score_batches(args)
         },
     }
     print(json.dumps(row), flush=True)
@@ -732,6 +900,224 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     return {"fraud_student_retention": (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+
+
+# ---------------------------------------------------------------- fraud: MLP student
+
+
+class XNumScorer(torch.nn.Module):
+    """A :class:`apps.fraud.fastscore.StudentMLP` behind the backbone's batch-dict call
+    (it reads ``x_num`` only), so :func:`score_throughput` times the same kind of call
+    for the teacher and both students: the model's forward on prepared inputs."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.student(batch["x_num"])
+
+
+def fraud_student_rows(data: Any) -> Any:
+    """Rows both MLP students fit on, in time order: the train and validation blocks, every
+    row (no negative subsampling). Never the delay, test or removed rows."""
+    import numpy as np
+
+    return np.sort(np.concatenate([data.split.train, data.split.valid]))
+
+
+def student_pos_weight(rule: Any, y_N: Any) -> float:
+    """The fraud app's positive-class weight rule (``head.pos_weight``; ``"sqrt"``:
+    sqrt(negatives / positives)) on the scratch student's rows."""
+    n_pos = int(y_N.sum())
+    if n_pos == 0:
+        raise ValueError(f"no fraud in the {len(y_N)} student rows; cannot weight the classes")
+    return math.sqrt((len(y_N) - n_pos) / n_pos) if rule == "sqrt" else float(rule or 1.0)
+
+
+def _span(ts: Any, y: Any, idx: Any) -> dict[str, Any]:
+    return {
+        "n": len(idx),
+        "frauds": int(y[idx].sum()),
+        "first": str(ts[idx].min()) if len(idx) else None,
+        "last": str(ts[idx].max()) if len(idx) else None,
+    }
+
+
+def fit_mlp_students(
+    args: argparse.Namespace, x_NF: Any, soft_N: Any, y_N: Any, pos_weight: float, seed: int
+) -> tuple[Any, Any, dict[str, float]]:
+    """``(distilled, scratch, seconds)``: the same MLP, loop, rows, batches and steps
+    (:mod:`apps.fraud.fastscore`); the distilled one fits the teacher's logits with core's
+    teacher term, the scratch one the labels with class-weighted BCE."""
+    from apps.fraud.fastscore import distill_student, scratch_student
+
+    kw = {
+        "hidden": tuple(args.fraud_mlp_hidden),
+        "epochs": args.fraud_mlp_epochs,
+        "batch_size": args.fraud_mlp_batch,
+        "lr": args.fraud_mlp_lr,
+        "seed": seed,
+    }
+    t0 = time.perf_counter()
+    distilled = distill_student(x_NF, soft_N, **kw)
+    t1 = time.perf_counter()
+    scratch = scratch_student(x_NF, y_N, pos_weight, **kw)
+    t2 = time.perf_counter()
+    return distilled, scratch, {"distill": t1 - t0, "scratch": t2 - t1}
+
+
+def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
+    """``--fraud-student mlp``: the teacher of :func:`run_fraud_distill` (same config, or
+    loaded from ``--fraud-teacher-dir``) distilled into the fastscore MLP on stored soft
+    labels (its logits on the train + validation rows), against the same MLP trained from
+    scratch on the labels of those rows; per student seed (``--fraud-student-seeds``)."""
+    try:
+        import numpy as np
+
+        from apps.fraud.fastscore import student_distill_config, student_logits
+        from apps.fraud.metrics import fraud_metrics
+        from apps.fraud.schema import TS
+        from apps.fraud.training import training_rows
+    except ImportError as err:  # polars missing on the GPU machine
+        print(f"fraud skipped: {err}", flush=True)
+        return {}
+    tcfg, _ = fraud_configs(args)
+    dev = "cuda" if args.device == "cuda" else None
+    t0 = time.perf_counter()
+    teacher, data, t_ev, t_inputs = fraud_teacher(args, tcfg, dev)
+    t_teacher = time.perf_counter() - t0
+    split, y = data.split, data.y
+    rows = fraud_student_rows(data)
+    say(f"fraud: teacher logits on {len(rows)} train + validation rows (soft labels)")
+    t0 = time.perf_counter()
+    soft_N = teacher.score_inputs(t_inputs.take(rows))[0]
+    t_soft = time.perf_counter() - t0
+    x_NF, y_N = t_inputs.x_num[rows], y[rows]
+    pos_weight = student_pos_weight(tcfg.head.pos_weight, y_N)
+    x_test, y_test = t_inputs.x_num[split.test], y[split.test]
+    table = [_fraud_row("teacher", teacher, t_ev, t_inputs.take(split.test), args)]
+    seeds = args.fraud_student_seeds or [args.seed]
+    per_seed: list[dict[str, Any]] = []
+    for i, seed in enumerate(seeds):
+        say(f"fraud: MLP students, seed {seed}")
+        distilled, scratch, secs = fit_mlp_students(args, x_NF, soft_N, y_N, pos_weight, seed)
+        m = {
+            name: fraud_metrics(y_test, student_logits(model, x_test).astype(np.float64))
+            for name, model in (("student_distilled", distilled), ("student_scratch", scratch))
+        }
+        per_seed.append(
+            {
+                "seed": seed,
+                **{f"{k}_pr_auc": v["pr_auc"] for k, v in m.items()},
+                **{f"{k}_roc_auc": v["roc_auc"] for k, v in m.items()},
+                **{f"{k}_recall_at_p90": v["recall_at_precision_0.9"] for k, v in m.items()},
+                "retention": m["student_distilled"]["pr_auc"] / table[0]["pr_auc"],
+                "distilled_beats_scratch": m["student_distilled"]["pr_auc"]
+                > m["student_scratch"]["pr_auc"],
+                "optimizer_steps": {
+                    "student_distilled": distilled.fit_steps,
+                    "student_scratch": scratch.fit_steps,
+                },
+                "train_seconds": secs,
+            }
+        )
+        print(json.dumps(per_seed[-1]), flush=True)
+        if i == 0:  # speed does not depend on the weights: timed for the first seed only
+            xs = {"x_num": x_test}
+            table.append(
+                _score_row(
+                    "student_distilled", m["student_distilled"], XNumScorer(distilled), xs, args
+                )
+            )
+            table.append(
+                _score_row("student_scratch", m["student_scratch"], XNumScorer(scratch), xs, args)
+            )
+            arch = {
+                "hidden": [distilled.hidden, scratch.hidden],
+                "n_features": [distilled.n_features, scratch.n_features],
+            }
+    ts = data.frame.get_column(TS).to_numpy()
+    teacher_rows, _ = training_rows(data, tcfg)
+    rate = tcfg.head.neg_sample_rate
+    mean = {
+        k: float(np.mean([r[f"{k}_pr_auc"] for r in per_seed]))
+        for k in ("student_distilled", "student_scratch")
+    }
+    retention = mean["student_distilled"] / table[0]["pr_auc"]
+    ratio = table[0]["active_params"] / table[1]["active_params"]
+    throughput = throughput_summary(table, "rows_per_s")
+    steps = per_seed[0]["optimizer_steps"]
+    details = {
+        "student_kind": "mlp",
+        "rows": table,
+        "per_seed": per_seed,
+        "student_seeds": seeds,
+        "retention_is": "mean over student seeds of distilled AP / teacher AP"
+        if len(seeds) > 1
+        else "distilled AP / teacher AP",
+        "mean_pr_auc": mean,
+        "teacher_over_student_active_params": ratio,
+        "scratch_retention": mean["student_scratch"] / table[0]["pr_auc"],
+        "distilled_beats_scratch": mean["student_distilled"] > mean["student_scratch"],
+        "throughput": throughput,
+        "targets_met": {
+            "retention_0.97": retention >= 0.97,
+            "beats_scratch": mean["student_distilled"] > mean["student_scratch"],
+            "params_quarter": ratio >= 4,
+            "throughput_3x": throughput["throughput_target_3x_met"],
+        },
+        "trained_on": {
+            "teacher": {
+                **_span(ts, y, teacher_rows),
+                "rows": "train block only: all its frauds + a seeded "
+                f"{rate:g} share of its legitimate rows (head.neg_sample_rate); the "
+                "validation block only chose its best epoch (val/ap), calibration and "
+                "threshold",
+            },
+            "student_distilled": {
+                **_span(ts, y, rows),
+                "rows": "train + validation blocks, every row; targets: the teacher's "
+                "logits on them (stored soft labels)",
+            },
+            "student_scratch": {
+                **_span(ts, y, rows),
+                "rows": "the same train + validation rows, same batches; targets: labels",
+            },
+            "test": _span(ts, y, split.test),
+        },
+        "student_rows_in_test": int(np.isin(rows, split.test).sum()),
+        "same_architecture": arch["hidden"][0] == arch["hidden"][1]
+        and arch["n_features"][0] == arch["n_features"][1],
+        "same_optimizer_steps": steps["student_distilled"] == steps["student_scratch"],
+        "mlp": {
+            **arch,
+            "epochs": args.fraud_mlp_epochs,
+            "batch_size": args.fraud_mlp_batch,
+            "lr": args.fraud_mlp_lr,
+            "optimizer": "AdamW (weight decay 1e-4), one-cycle LR",
+            "optimizer_steps": steps,
+            "features": "the teacher's scaled x_num (its InputBuilder, fitted on train rows)",
+            "distill_config": student_distill_config().to_dict(),
+            "scratch_loss": f"BCE with pos_weight {pos_weight:.3f} "
+            f"(head.pos_weight={tcfg.head.pos_weight!r} on the student rows)",
+        },
+        "teacher_dir": args.fraud_teacher_dir,
+        "config": args.fraud_config,
+        "epochs": {"teacher": args.fraud_teacher_epochs, "student": args.fraud_mlp_epochs},
+        "train_seconds": {
+            "teacher": t_teacher,
+            "soft_labels": t_soft,
+            "students": [r["train_seconds"] for r in per_seed],
+        },
+        "protocol": t_ev.protocol,
+        "machine": machine(),
+        "seed": args.seed,
+    }
+    if ratio < 4:
+        details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
+    print(json.dumps({k: details[k] for k in ("mean_pr_auc", "targets_met")}), flush=True)
+    return {"fraud_student_retention": (retention, details)}
 
 
 # ============================================================================ medical
@@ -1170,6 +1556,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--maint-teacher-d", type=int, default=64, help="maintenance teacher d_model (FFN 2x)"
     )
+    ap.add_argument(
+        "--maint-teacher",
+        default="single",
+        choices=["single", "ensemble"],
+        help="maintenance teacher: one model widened to --maint-teacher-d, or the FD001 "
+        "recipe's seed ensemble (ensemble_size members; targets = their mean prediction)",
+    )
     ap.add_argument("--student-epochs", type=int, default=30)
     ap.add_argument("--growth-epochs", type=int, default=30)
     ap.add_argument("--grow-at", type=float, default=0.5, help="share of scratch steps")
@@ -1237,6 +1630,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="reuse the fraud teacher saved here by an earlier run (saved here if absent)",
     )
+    ap.add_argument(
+        "--fraud-student",
+        default="backbone",
+        choices=["backbone", "mlp"],
+        help="backbone: the shrunk backbone (Lightning distillation); mlp: the fastscore "
+        "MLP on the teacher's stored logits over the train + validation rows",
+    )
+    ap.add_argument("--fraud-mlp-hidden", type=int, nargs="+", default=[64, 32])
+    ap.add_argument("--fraud-mlp-epochs", type=int, default=6)
+    ap.add_argument("--fraud-mlp-batch", type=int, default=1024)
+    ap.add_argument("--fraud-mlp-lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--fraud-student-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="mlp: student seeds (one teacher; default --seed); the key is their mean",
+    )
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -1263,7 +1674,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_growth:
             results |= run_maintenance_growth(args)
     if "fraud" in args.apps and not args.skip_distill:
-        results |= run_fraud_distill(args)
+        run = run_fraud_mlp_distill if args.fraud_student == "mlp" else run_fraud_distill
+        results |= run(args)
     if "medical" in args.apps and not args.skip_distill:
         results |= run_medical_distill(args)
     cmd = "python -m bench.scale_bench " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -9,19 +9,25 @@ next to the model: :class:`RowFeatures` reproduces ``FeatureBuilder.transform`` 
 that "features included" means the same work for every model.
 
 :class:`StudentMLP` is a small MLP distilled from the backbone's logits
-(:func:`distill_student`): the cheap scorer for CPU serving, evaluated on the same test
-block as its teacher.
+(:func:`distill_student`, core's distillation loss on stored soft labels): the cheap scorer
+for CPU serving, evaluated on the same test block as its teacher. :func:`scratch_student`
+fits the same MLP on the labels alone, with the same loop, rows and steps (the control of
+``bench/scale_bench.py --fraud-student mlp``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from core.distill import DistillConfig
 
 CLIP = 8.0  # same clip as apps.fraud.inputs.CLIP
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -154,9 +160,70 @@ class StudentMLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.n_features = n_features
         self.hidden = list(hidden)
+        self.fit_steps = 0  # optimizer steps of the fit that made these weights (0: none here)
 
     def forward(self, x_BF: Tensor) -> Tensor:
         return self.net(x_BF).squeeze(-1)
+
+
+def student_steps(n_rows: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of one :func:`distill_student` / :func:`scratch_student` fit."""
+    return epochs * math.ceil(n_rows / batch_size)
+
+
+def _fit_mlp(
+    x_NF: np.ndarray,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    hidden: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> StudentMLP:
+    """The one training loop of both students: ``loss_fn(logits_B, rows_B)`` per batch.
+
+    Sharing it is what makes a distilled and a from-scratch student comparable: with the
+    same ``seed`` they start from the same weights and see the same rows in the same
+    batches, with the same AdamW + one-cycle schedule; only the targets differ. The step
+    count is kept on the student (``fit_steps``) so a benchmark can show it."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student = StudentMLP(x_NF.shape[1], hidden)
+    x = torch.from_numpy(np.ascontiguousarray(x_NF, np.float32))
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    steps = student_steps(len(x), epochs, batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    student.train()
+    done = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch_size):
+            b = perm[s : s + batch_size]
+            loss = loss_fn(student(x[b]), b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+    student.fit_steps = done
+    return student.eval()
+
+
+def _check_rows(x_NF: np.ndarray, target_N: np.ndarray, what: str) -> None:
+    if len(x_NF) != len(target_N) or len(x_NF) == 0:
+        raise ValueError(f"x has {len(x_NF)} rows, {what} {len(target_N)}; need equal, > 0")
+
+
+def student_distill_config(cfg: DistillConfig | Mapping[str, Any] | None = None) -> DistillConfig:
+    """The student's teacher term: by default ``alpha=1`` (soft targets only) and MSE on the
+    logit (``kind="regression"``), i.e. match the teacher's score on every row, frauds and
+    the many legitimate rows alike (a tempered two-class KL would flatten the ranking
+    among the confident legitimate rows)."""
+    from core.distill import DistillConfig  # lazy: the scoring path needs no lightning
+
+    if isinstance(cfg, DistillConfig):
+        return cfg
+    return DistillConfig.from_dict({"alpha": 1.0, "kind": "regression", **dict(cfg or {})})
 
 
 def distill_student(
@@ -167,33 +234,65 @@ def distill_student(
     batch_size: int = 1024,
     lr: float = 2e-3,
     seed: int = 0,
+    cfg: DistillConfig | Mapping[str, Any] | None = None,
+    y_N: np.ndarray | None = None,
+    pos_weight: float = 1.0,
 ) -> StudentMLP:
-    """Fit a :class:`StudentMLP` to the teacher's logits (MSE on logits = matching the
-    teacher's scores on every row, frauds and the many legitimate rows alike). Use rows the
+    """Fit a :class:`StudentMLP` to the teacher's logits (stored soft labels). The loss is
+    core's: ``alpha * teacher_term(student, teacher, cfg) + (1 - alpha) * task`` as in
+    :class:`core.distill.DistillationModule` (``cfg``: :func:`student_distill_config`;
+    ``alpha < 1`` needs the labels ``y_N``, task = BCE with ``pos_weight``). Use rows the
     teacher was trained or validated on, never test rows."""
-    if len(x_NF) != len(teacher_logits_N) or len(x_NF) == 0:
-        raise ValueError(
-            f"x has {len(x_NF)} rows, teacher logits {len(teacher_logits_N)}; need equal, > 0"
-        )
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    student = StudentMLP(x_NF.shape[1], hidden)
-    x = torch.from_numpy(np.ascontiguousarray(x_NF, np.float32))
+    from core.distill import teacher_term  # lazy: the scoring path needs no lightning
+
+    _check_rows(x_NF, teacher_logits_N, "teacher logits")
+    cfg = student_distill_config(cfg)
+    if cfg.alpha < 1.0 and (y_N is None or len(y_N) != len(x_NF)):
+        raise ValueError(f"alpha={cfg.alpha} < 1 needs one label per row (y_N)")
     t = torch.from_numpy(np.ascontiguousarray(teacher_logits_N, np.float32))
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    student.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), batch_size):
-            b = perm[s : s + batch_size]
-            loss = nn.functional.mse_loss(student(x[b]), t[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return student.eval()
+    y = None if y_N is None else torch.from_numpy(np.asarray(y_N, np.float32))
+    pw = torch.tensor(float(pos_weight))
+
+    def loss(logits_B: Tensor, rows_B: Tensor) -> Tensor:
+        total = cfg.alpha * teacher_term(logits_B, t[rows_B], cfg)
+        if cfg.alpha < 1.0:
+            task = F.binary_cross_entropy_with_logits(logits_B, y[rows_B], pos_weight=pw)
+            total = total + (1.0 - cfg.alpha) * task
+        return total
+
+    return _fit_mlp(x_NF, loss, hidden, epochs, batch_size, lr, seed)
+
+
+def scratch_student(
+    x_NF: np.ndarray,
+    y_N: np.ndarray,
+    pos_weight: float = 1.0,
+    hidden: Sequence[int] = (64, 32),
+    epochs: int = 6,
+    batch_size: int = 1024,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> StudentMLP:
+    """The same :class:`StudentMLP` fitted on the labels alone (class-weighted BCE: frauds
+    weighted ``pos_weight``), with the loop, rows, batches and schedule of
+    :func:`distill_student`: the from-scratch control of a distillation benchmark."""
+    _check_rows(x_NF, y_N, "labels")
+    y = torch.from_numpy(np.asarray(y_N, np.float32))
+    pw = torch.tensor(float(pos_weight))
+
+    def loss(logits_B: Tensor, rows_B: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(logits_B, y[rows_B], pos_weight=pw)
+
+    return _fit_mlp(x_NF, loss, hidden, epochs, batch_size, lr, seed)
+
+
+@torch.no_grad()
+def student_logits(student: StudentMLP, x_NF: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Logits of prepared (scaled) feature rows, batch by batch, in eval mode."""
+    student.eval()
+    x = torch.from_numpy(np.ascontiguousarray(x_NF, np.float32))
+    out = [student(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 @torch.no_grad()

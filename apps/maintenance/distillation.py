@@ -12,6 +12,14 @@ the RUL column and the tempered two-class KL on the alarm logit
 (``DistillConfig.column_kinds = ["regression", "binary"]``, set when the caller leaves
 ``column_kinds`` empty).
 
+The teacher may be a seed ensemble (``ensemble_size > 1``, the shipped FD001/FD003 recipes).
+Its target is the ensemble's own prediction, ``[mean RUL / cap, logit of the mean alarm
+probability]`` (:func:`ensemble_targets`), computed once per window before training and served
+as core's stored soft labels (``DistillConfig.soft_label_key``): exact, because the windows are
+fixed and nothing random acts on the teacher's inputs, and the frozen members never run inside
+the distillation module, so they cannot reach the student's state or checkpoints. An
+ensemble's active parameters are the sum over its members (all run on every window).
+
 No MLflow here (the benchmark machine has none): ``run`` only supplies a Lightning logger.
 """
 
@@ -20,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from apps.maintenance.config import MaintenanceConfig
 from apps.maintenance.data import PreparedData, prepare_data
@@ -40,7 +50,7 @@ from apps.maintenance.training import (
     split_windows,
     time_unit_of,
 )
-from core.distill import DistillConfig, count_active_params, distill_fit
+from core.distill import DistillConfig, SoftLabelDataset, count_active_params, distill_fit
 from core.engine import seed_everything
 from core.spec import TrainResult
 
@@ -60,11 +70,6 @@ def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> Non
         raise MaintenanceDataError(
             f"the teacher must be a MaintenancePredictor, got {type(teacher).__name__}"
         )
-    if int(teacher.model.hparams.get("n_members", 1)) > 1:
-        raise MaintenanceDataError(
-            f"the teacher is an ensemble of {teacher.model.hparams['n_members']} models"
-            " (ensemble_size > 1); distil from one model: fit the teacher with ensemble_size=1"
-        )
     h = teacher.model.hparams
     for name, want in (("window", cfg.window), ("patch_len", cfg.patch_len)):
         if int(h[name]) != int(want):
@@ -77,6 +82,39 @@ def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> Non
             f"teacher rul_cap={h['rul_cap']} but the student config has rul_cap={cfg.rul_cap}:"
             " the RUL column would be on different scales"
         )
+
+
+def is_ensemble(model: Any) -> bool:
+    """True for a :class:`apps.maintenance.model.RULEnsemble` (it holds ``members``)."""
+    return hasattr(model, "members")
+
+
+def model_active_params(model: Any) -> int:
+    """Active parameters of a RUL model; of an ensemble, the sum over its members (every
+    member runs on every window, so all of them are active)."""
+    if is_ensemble(model):
+        return sum(count_active_params(m) for m in model.members)
+    return count_active_params(model)
+
+
+def ensemble_targets(ensemble: Any, windows: Any, batch_size: int = 2048) -> torch.Tensor:
+    """``[N, 2]`` distillation targets of a frozen ensemble teacher for ``windows``, in the
+    RUL model's output layout: column 0 = the ensemble's RUL / cap (the mean of the
+    members' clamped RUL, what the ensemble predicts), column 1 = the logit of the mean of
+    the members' alarm probabilities (so the tempered two-class KL targets the ensemble's
+    alarm probability, not a mean of logits)."""
+    rul, prob = ensemble.predict_windows(windows.x, windows.mask, batch_size)
+    p = np.clip(prob, 1e-6, 1.0 - 1e-6)
+    cols = np.stack([rul / float(ensemble.rul_cap), np.log(p) - np.log1p(-p)], axis=1)
+    return torch.as_tensor(cols, dtype=torch.float32)
+
+
+def with_soft_labels(loader: DataLoader, targets: torch.Tensor, key: str) -> DataLoader:
+    """``loader`` (a :func:`apps.maintenance.training.batch_loader`: whole-batch indexing)
+    with ``targets[i]`` served under ``key`` next to window ``i``; the same sampler, so the
+    same batches in the same order."""
+    ds = SoftLabelDataset(loader.dataset, targets, key)
+    return DataLoader(ds, sampler=loader.sampler, batch_size=None)
 
 
 def build_student(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
@@ -119,10 +157,17 @@ def distill_fit_predictor(
     steps = getattr(cfg, "steps_per_epoch", None)
     train_dl = batch_loader(w_train, cfg.batch_size, True, steps, g)
     val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
+    teacher_module = teacher.model
+    if is_ensemble(teacher.model):  # stored targets: the members never enter the module
+        frozen = teacher.model.eval().requires_grad_(False)
+        key = dcfg.soft_label_key
+        train_dl = with_soft_labels(train_dl, ensemble_targets(frozen, w_train), key)
+        val_dl = with_soft_labels(val_dl, ensemble_targets(frozen, w_val), key)
+        teacher_module = None
     # same recipe as training.fit: best-validation-RMSE epoch kept, optional early stopping
     best = BestValidationRMSE(getattr(cfg, "early_stopping_patience", None))
     student = distill_fit(
-        student, teacher.model, train_dl, val_dl, cfg.trainer, dcfg, logger, [best]
+        student, teacher_module, train_dl, val_dl, cfg.trainer, dcfg, logger, [best]
     )
     if getattr(cfg, "restore_best", False) and best.state is not None:
         n = len("student.")
@@ -146,7 +191,7 @@ def distill_fit_predictor(
         data,
         limits,
         count_active_params(student),
-        count_active_params(teacher.model),
+        model_active_params(teacher.model),
     )
 
 

@@ -1,0 +1,134 @@
+"""bench/scale_bench.py ``--fraud-student mlp`` on the shipped demo data (data_samples/fraud):
+a tiny teacher trained by a real Lightning Trainer, the fastscore MLP distilled from its
+stored logits and the same MLP trained from scratch; the students fit the train +
+validation rows only, share architecture, batches and step count, and the numbers land in
+the results record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import scale_bench as sb
+
+torch.set_num_threads(1)
+
+
+def _argv(teacher_dir, *extra: str) -> list[str]:
+    return [
+        "--device", "cpu", "--tiny", "--apps", "fraud", "--skip-growth",
+        "--fraud-student", "mlp", "--fraud-teacher-dir", str(teacher_dir),
+        "--fraud-mlp-epochs", "2", "--fraud-mlp-batch", "256", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """Train the tiny demo teacher once (real Trainer) and save it for the tests to load."""
+    folder = tmp_path_factory.mktemp("fraud_teacher")
+    args = sb.parse_args(_argv(folder))
+    tcfg, _ = sb.fraud_configs(args)
+    sb.fraud_teacher(args, tcfg, None)
+    assert (folder / "bench_meta.json").exists()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def record(teacher_dir, tmp_path_factory):
+    """One CLI run, two student seeds, recorded into a temporary KEEL_BENCH_RESULTS."""
+    out = tmp_path_factory.mktemp("results")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEEL_BENCH_RESULTS", str(out))
+        assert sb.main(_argv(teacher_dir, "--fraud-student-seeds", "0", "1")) == 0
+    return json.loads((out / "scale.json").read_text())["fraud_student_retention"]
+
+
+def test_mlp_student_run_is_recorded(record) -> None:
+    rec = record
+    d = rec["details"]
+    assert d["student_kind"] == "mlp" and "--fraud-student mlp" in d["command"]
+    rows = {r["model"]: r for r in d["rows"]}
+    assert list(rows) == ["teacher", "student_distilled", "student_scratch"]
+    teacher, distilled, scratch = rows.values()
+    # the table's student rows are seed 0's; the key is the mean over the student seeds
+    seed0 = d["per_seed"][0]
+    assert distilled["pr_auc"] == seed0["student_distilled_pr_auc"]
+    assert scratch["pr_auc"] == seed0["student_scratch_pr_auc"]
+    mean = {
+        k: np.mean([r[f"{k}_pr_auc"] for r in d["per_seed"]])
+        for k in ("student_distilled", "student_scratch")
+    }
+    assert rec["value"] == pytest.approx(mean["student_distilled"] / teacher["pr_auc"])
+    assert d["scratch_retention"] == pytest.approx(mean["student_scratch"] / teacher["pr_auc"])
+    assert d["distilled_beats_scratch"] == (mean["student_distilled"] > mean["student_scratch"])
+    for r in rows.values():
+        assert 0.0 <= r["pr_auc"] <= 1.0 and 0.0 <= r["roc_auc"] <= 1.0
+        assert 0.0 <= r["recall_at_p90"] <= 1.0
+        assert set(r["rows_per_s"]) == {"256", "64"}  # tiny batches; JSON keys are strings
+        assert all(v > 0 for v in r["rows_per_s"].values())
+    # same architecture (64, 32) and step count; far fewer parameters than the teacher
+    assert distilled["active_params"] == scratch["active_params"]
+    assert d["same_architecture"] is True and d["same_optimizer_steps"] is True
+    assert d["mlp"]["hidden"] == [[64, 32], [64, 32]]
+    n_rows = d["trained_on"]["student_distilled"]["n"]
+    for r in d["per_seed"]:
+        steps = r["optimizer_steps"]
+        assert steps["student_distilled"] == steps["student_scratch"] == 2 * -(-n_rows // 256)
+    assert d["teacher_over_student_active_params"] == pytest.approx(
+        teacher["active_params"] / distilled["active_params"]
+    )
+    assert d["teacher_over_student_active_params"] >= 4
+    # the students fit train + validation rows, all before the test block
+    on = d["trained_on"]
+    assert on["student_scratch"] == {
+        **on["student_distilled"],
+        "rows": on["student_scratch"]["rows"],
+    }
+    assert d["student_rows_in_test"] == 0
+    assert on["student_distilled"]["last"] < on["test"]["first"]
+    assert on["teacher"]["n"] < on["student_distilled"]["n"]  # teacher: train block, subsampled
+    assert on["teacher"]["last"] < on["student_distilled"]["last"]  # students also see valid
+
+
+def test_mlp_students_fit_exactly_the_train_and_validation_rows(teacher_dir, record) -> None:
+    """Refit both students here from the train and validation blocks named by the split
+    (not by the bench's helper): the bench's test metrics must be reproduced exactly, so
+    it fitted those rows and no others."""
+    from apps.fraud.fastscore import distill_student, scratch_student, student_logits
+    from apps.fraud.metrics import fraud_metrics
+    from apps.fraud.schema import TS
+
+    value, d = record["value"], record["details"]
+    args = sb.parse_args(_argv(teacher_dir))
+    tcfg, _ = sb.fraud_configs(args)
+    teacher, data, t_ev, inputs = sb.fraud_teacher(args, tcfg, None)
+    split = data.split
+    rows = np.sort(np.concatenate([split.train, split.valid]))
+    assert not np.isin(rows, split.test).any()
+    ts = data.frame.get_column(TS).to_numpy()
+    assert ts[rows].max() < ts[split.test].min()
+    assert d["trained_on"]["student_distilled"]["n"] == len(rows)
+
+    x, y = inputs.x_num[rows], data.y[rows]
+    soft = teacher.score_inputs(inputs.take(rows))[0]
+    pw = sb.student_pos_weight(tcfg.head.pos_weight, y)
+    assert pw == pytest.approx(np.sqrt((y == 0).sum() / y.sum()))  # demo: pos_weight sqrt
+    kw = {"hidden": (64, 32), "epochs": 2, "batch_size": 256, "lr": 2e-3}
+    x_test, y_test = inputs.x_num[split.test], data.y[split.test]
+    retentions = []
+    for seed, got in zip((0, 1), d["per_seed"], strict=True):
+        assert got["seed"] == seed
+        distilled = distill_student(x, soft, seed=seed, **kw)
+        scratch = scratch_student(x, y, pw, seed=seed, **kw)
+        for name, model in (("student_distilled", distilled), ("student_scratch", scratch)):
+            ap = fraud_metrics(y_test, student_logits(model, x_test).astype(np.float64))["pr_auc"]
+            assert got[f"{name}_pr_auc"] == pytest.approx(ap, rel=0, abs=1e-12)
+        retentions.append(got["retention"])
+        assert got["retention"] == pytest.approx(
+            got["student_distilled_pr_auc"] / t_ev.metrics["pr_auc"]
+        )
+    assert value == pytest.approx(np.mean(retentions))
+    assert d["student_seeds"] == [0, 1] and "mean" in d["retention_is"]
