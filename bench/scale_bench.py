@@ -829,18 +829,30 @@ def fraud_teacher(
     return tout.predictor, tout.data, tout.evaluation, tout.inputs
 
 
-def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
+def _fraud_teacher_or_skip(args: argparse.Namespace) -> tuple[Any, ...] | None:
+    """``(teacher config, student config, teacher, data, evaluation, inputs, seconds)`` of
+    :func:`fraud_teacher`; ``None`` (fraud skipped) where the fraud app cannot load."""
     try:
-        from apps.fraud.distillation import distill_fit_predictor
-        from apps.fraud.training import evaluate_inputs, fit
+        import apps.fraud.training  # noqa: F401  (needs polars)
     except ImportError as err:  # polars missing on the GPU machine
         print(f"fraud skipped: {err}", flush=True)
-        return {}
+        return None
     tcfg, scfg = fraud_configs(args)
     dev = "cuda" if args.device == "cuda" else None
     t0 = time.perf_counter()
     teacher, data, t_ev, t_inputs = fraud_teacher(args, tcfg, dev)
-    t_teacher = time.perf_counter() - t0
+    return tcfg, scfg, teacher, data, t_ev, t_inputs, time.perf_counter() - t0
+
+
+def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = _fraud_teacher_or_skip(args)
+    if loaded is None:
+        return {}
+    from apps.fraud.distillation import distill_fit_predictor
+    from apps.fraud.training import evaluate_inputs, fit
+
+    tcfg, scfg, teacher, data, t_ev, t_inputs, t_teacher = loaded
+    dev = "cuda" if args.device == "cuda" else None
     say("fraud: distilled student")
     dcfg = fraud_distill_config(args)
     t0 = time.perf_counter()
@@ -972,21 +984,17 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     loaded from ``--fraud-teacher-dir``) distilled into the fastscore MLP on stored soft
     labels (its logits on the train + validation rows), against the same MLP trained from
     scratch on the labels of those rows; per student seed (``--fraud-student-seeds``)."""
-    try:
-        import numpy as np
-
-        from apps.fraud.fastscore import student_distill_config, student_logits
-        from apps.fraud.metrics import fraud_metrics
-        from apps.fraud.schema import TS
-        from apps.fraud.training import training_rows
-    except ImportError as err:  # polars missing on the GPU machine
-        print(f"fraud skipped: {err}", flush=True)
+    loaded = _fraud_teacher_or_skip(args)
+    if loaded is None:
         return {}
-    tcfg, _ = fraud_configs(args)
-    dev = "cuda" if args.device == "cuda" else None
-    t0 = time.perf_counter()
-    teacher, data, t_ev, t_inputs = fraud_teacher(args, tcfg, dev)
-    t_teacher = time.perf_counter() - t0
+    import numpy as np
+
+    from apps.fraud.fastscore import student_distill_config, student_logits
+    from apps.fraud.metrics import fraud_metrics
+    from apps.fraud.schema import TS
+    from apps.fraud.training import training_rows
+
+    tcfg, _, teacher, data, t_ev, t_inputs, t_teacher = loaded
     split, y = data.split, data.y
     rows = fraud_student_rows(data)
     say(f"fraud: teacher logits on {len(rows)} train + validation rows (soft labels)")
