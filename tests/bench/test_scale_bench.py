@@ -161,3 +161,20 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
     other.save(tmp_path / "teacher_4mm")
     with pytest.raises(ValueError, match="spacing"):
         sb.load_medical_teacher(tmp_path / "teacher_4mm", tcfg)
+
+
+def test_tiny_fraud_backbone_student_run() -> None:
+    """The default fraud student (the shrunk backbone): teacher, distilled and scratch rows
+    on the same test block, retention = distilled AP / teacher AP."""
+    args = sb.parse_args(["--device", "cpu", "--tiny", "--apps", "fraud", "--no-record"])
+    value, d = sb.run_fraud_distill(args)["fraud_student_retention"]
+    names = [r["model"] for r in d["rows"]]
+    assert names == ["teacher", "student_distilled", "student_scratch"]
+    teacher, dist, scratch = d["rows"]
+    assert value == pytest.approx(dist["pr_auc"] / teacher["pr_auc"])
+    assert 0.0 < dist["pr_auc"] <= 1.0 and 0.0 < teacher["pr_auc"] <= 1.0
+    assert dist["active_params"] == scratch["active_params"] < teacher["active_params"]
+    assert d["teacher_over_student_active_params"] == pytest.approx(
+        teacher["active_params"] / dist["active_params"]
+    )
+    assert d["distilled_beats_scratch"] == (dist["pr_auc"] > scratch["pr_auc"])
