@@ -64,6 +64,12 @@ def test_mlp_student_run_is_recorded(record) -> None:
     assert rec["value"] == pytest.approx(mean["student_distilled"] / teacher["pr_auc"])
     assert d["scratch_retention"] == pytest.approx(mean["student_scratch"] / teacher["pr_auc"])
     assert d["distilled_beats_scratch"] == (mean["student_distilled"] > mean["student_scratch"])
+    diffs = [r["student_distilled_pr_auc"] - r["student_scratch_pr_auc"] for r in d["per_seed"]]
+    paired = d["paired_pr_auc_difference"]
+    assert paired["mean"] == pytest.approx(mean["student_distilled"] - mean["student_scratch"])
+    assert paired["sd"] == pytest.approx(float(np.std(diffs, ddof=1)))
+    assert paired["standard_error"] == pytest.approx(paired["sd"] / np.sqrt(2))
+    assert paired["distilled_wins"] == sum(x > 0 for x in diffs) and paired["n_seeds"] == 2
     for r in rows.values():
         assert 0.0 <= r["pr_auc"] <= 1.0 and 0.0 <= r["roc_auc"] <= 1.0
         assert 0.0 <= r["recall_at_p90"] <= 1.0
