@@ -469,6 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.prepare, cfg)
         print(f"wrote {args.prepare}")
         return 0
+    if args.skip_train and not (args.timing or args.lidc or args.monai_retinanet):
+        ap.error(
+            "--skip-train evaluates nothing on its own: add --timing, --lidc or --monai-retinanet"
+        )
+    if args.skip_train and (args.tta or args.pos_size_power is not None or args.minutes):
+        ap.error(
+            "--tta / --pos-size-power / --minutes act on training and the held-out evaluation,"
+            " which --skip-train skips (timing and LIDC use the saved model's own config)"
+        )
     needs_data = not args.skip_train or args.timing
     if args.data is None and (needs_data or args.model_dir is None):
         ap.error(
