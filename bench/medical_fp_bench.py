@@ -95,7 +95,7 @@ def froc_of(frames: list[pd.DataFrame], truth: Any, uids: list[str]) -> dict[str
 
 
 def main() -> None:
-    from apps.medical.data import load_prepared, load_raw_scan, prepare, read_truth, split_series
+    from apps.medical.data import load_prepared, read_truth, split_series
     from apps.medical.model import fuse_scores, score_candidates
     from apps.medical.predictor import NoduleDetector
     from apps.medical.training import fit_fp_reduction, split_validation
@@ -144,7 +144,7 @@ def main() -> None:
     fp_model.to(device)
     stage1, p2s = [], []
     for u in held:
-        scan = prepare(cfg, load_raw_scan(args.data, u))
+        scan = load_prepared(cfg, args.data, [u])[0]  # as the training series
         c = cached_candidates(predictor, scan, args.cache)
         stage1.append(c)
         p2s.append(

@@ -272,7 +272,6 @@ def scoring_module(model: Any) -> Any:
 def _maint_row(
     name: str, predictor: Any, data: Any, cfg: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from apps.maintenance.distillation import model_active_params
     from apps.maintenance.training import evaluate_prepared, split_windows
 
     ev = evaluate_prepared(predictor, data, cfg, figures=False)
@@ -285,7 +284,7 @@ def _maint_row(
         "phm08_capped": m.get("phm08_capped"),
         "lead_time_median": m.get("lead_time_median"),
         "lead_detection_rate": m.get("lead_detection_rate"),
-        "active_params": model_active_params(predictor.model),
+        "active_params": count_active_params(predictor.model),
         "windows_per_s": {
             b: score_throughput(scoring_module(predictor.model), arrays, b, args.device)
             for b in score_batches(args)

@@ -673,12 +673,17 @@ def distill_fit(
 
 
 def count_active_params(module: nn.Module) -> int:
-    """Active parameters of a task module: backbone's active count + everything else."""
-    backbone = getattr(module, "backbone", None)
+    """Active parameters of a task module: all its parameters less the routed experts each
+    token skips, in every :class:`core.backbone.Backbone` it holds. A module with several
+    backbones that all run on every input (a seed ensemble, teacher + student) therefore
+    counts the sum of their active parameters."""
+    from core.backbone import Backbone
+
     total = sum(p.numel() for p in module.parameters())
-    if backbone is None or not hasattr(backbone, "count_active_params"):
-        return total
-    return total - backbone.count_params() + backbone.count_active_params()
+    for m in module.modules():
+        if isinstance(m, Backbone):
+            total -= m.count_params() - m.count_active_params()
+    return total
 
 
 __all__ = [

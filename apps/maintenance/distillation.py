@@ -18,7 +18,8 @@ probability]`` (:func:`ensemble_targets`), computed once per window before train
 as core's stored soft labels (``DistillConfig.soft_label_key``): exact, because the windows are
 fixed and nothing random acts on the teacher's inputs, and the frozen members never run inside
 the distillation module, so they cannot reach the student's state or checkpoints. An
-ensemble's active parameters are the sum over its members (all run on every window).
+ensemble's active parameters (``core.distill.count_active_params``) are the sum over its
+members, which all run on every window.
 
 No MLflow here (the benchmark machine has none): ``run`` only supplies a Lightning logger.
 """
@@ -87,14 +88,6 @@ def _check_teacher(teacher: MaintenancePredictor, cfg: MaintenanceConfig) -> Non
 def is_ensemble(model: Any) -> bool:
     """True for a :class:`apps.maintenance.model.RULEnsemble` (it holds ``members``)."""
     return hasattr(model, "members")
-
-
-def model_active_params(model: Any) -> int:
-    """Active parameters of a RUL model; of an ensemble, the sum over its members (every
-    member runs on every window, so all of them are active)."""
-    if is_ensemble(model):
-        return sum(count_active_params(m) for m in model.members)
-    return count_active_params(model)
 
 
 def ensemble_targets(ensemble: Any, windows: Any, batch_size: int = 2048) -> torch.Tensor:
@@ -191,7 +184,7 @@ def distill_fit_predictor(
         data,
         limits,
         count_active_params(student),
-        model_active_params(teacher.model),
+        count_active_params(teacher.model),
     )
 
 

@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-from apps.maintenance.distillation import model_active_params
 from bench import scale_bench as sb
 from core.distill import count_active_params
 
@@ -61,14 +60,14 @@ def test_active_params_and_throughput_count_every_member(tiny_teacher) -> None:
     ens = teacher.model
     n_ch = int(ens.hparams["n_channels"])
     per_member = [count_active_params(m) for m in ens.members]
-    assert model_active_params(ens) == sum(per_member) == 3 * per_member[0]
-    assert model_active_params(ens.members[0]) == per_member[0]
+    assert count_active_params(ens) == sum(per_member) == 3 * per_member[0]
+    assert count_active_params(ens.members[0]) == per_member[0]
     # active, not total: with MoE layers (2 of 4 routed experts run) each member counts fewer
     tcfg.model.n_dense_layers = 1
     moe = [build_model(tcfg, n_ch) for _ in range(2)]
     moe_ens = RULEnsemble(moe)
     total = sum(p.numel() for p in moe_ens.parameters())
-    assert model_active_params(moe_ens) == 2 * count_active_params(moe[0]) < total
+    assert count_active_params(moe_ens) == 2 * count_active_params(moe[0]) < total
     # the scoring forward runs all members and returns their mean output
     fwd = sb.scoring_module(ens)
     assert isinstance(fwd, sb.AllMembersForward) and sb.scoring_module(moe[0]) is moe[0]

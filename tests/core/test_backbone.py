@@ -181,3 +181,26 @@ def test_traces_as_one_graph_for_torch_compile() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = compiled(x, pad, return_gates=True)
     assert torch.isfinite(out.last_hidden).all() and len(out.gates) == L
+
+
+def test_count_active_params_of_task_modules_sums_every_backbone() -> None:
+    from core.distill import count_active_params
+
+    class Task(torch.nn.Module):  # a backbone plus a head, as the apps' task modules are
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = _bb()
+            self.head = torch.nn.Linear(D, 1)
+
+    class Ensemble(torch.nn.Module):  # members that all run on every input
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = torch.nn.ModuleList([Task(), Task()])
+
+    one = Task()
+    head = D + 1
+    assert count_active_params(one) == one.backbone.count_active_params() + head
+    ens = Ensemble()
+    assert count_active_params(ens) == 2 * count_active_params(one)
+    assert count_active_params(ens) < sum(p.numel() for p in ens.parameters())  # experts skipped
+    assert count_active_params(torch.nn.Linear(3, 2)) == 8  # no backbone: every parameter

@@ -12,7 +12,6 @@ from apps.maintenance.distillation import (
     build_student,
     distill_fit_predictor,
     ensemble_targets,
-    model_active_params,
 )
 from apps.maintenance.training import fit, split_windows
 from core.distill import count_active_params
@@ -60,7 +59,7 @@ def test_distilling_an_ensemble_freezes_it_and_keeps_it_out_of_the_student(ensem
     assert set(student.state_dict()) == set(fresh.state_dict())  # no member weights inside
     assert out.predictor.normalizer == teacher.normalizer  # reads the teacher's inputs
     per_member = [count_active_params(m) for m in teacher.model.members]
-    assert out.teacher_active_params == model_active_params(teacher.model) == sum(per_member)
+    assert out.teacher_active_params == count_active_params(teacher.model) == sum(per_member)
     assert out.student_active_params == count_active_params(student)
     w = split_windows(teacher.normalizer, data.policy, cfg.window)
     rul, prob = student.predict_windows(w.x, w.mask)

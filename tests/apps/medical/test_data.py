@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from apps.medical.data import (
     load_prepared,
@@ -23,8 +24,8 @@ def test_load_prepared_equals_preparing_each_series_in_order():
     truth = read_truth(root)
     train, _ = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
     uids = train[:2]
-    assert preparation_device() is None  # no GPU here: the scipy path
-    got = load_prepared(cfg, root, uids)
+    assert preparation_device() == ("cuda" if torch.cuda.is_available() else None)
+    got = load_prepared(cfg, root, uids, device=None)  # the scipy path
     assert [s.seriesuid for s in got] == uids
     for scan, uid in zip(got, uids, strict=True):
         ref = prepare(cfg, load_raw_scan(root, uid))
