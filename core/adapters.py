@@ -167,6 +167,10 @@ class PatchEmbed1d(nn.Module):
     returns that token mask ([B, T]; CLS is never padding) alongside the tokens.
     """
 
+    # Entry points besides forward that read parameters: under FSDP2 they must gather the
+    # shards like forward does (core.engine.fully_shard_task registers them).
+    fsdp_forward_methods = ("forward_with_mask",)
+
     def __init__(
         self,
         n_channels: int,

@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from core.configio import YamlConfig
-from core.engine import TaskModule, TrainerConfig, build_trainer
+from core.engine import TaskModule, TrainerConfig, build_trainer, fully_shard_task
 from core.errors import KeelInputError
+from core.sharding import single_device_copy
 
 KINDS = ("auto", "softmax", "binary", "regression")
 REGRESSION_LOSSES = ("mse", "huber")
@@ -429,6 +430,21 @@ class DistillationModule(lightning.LightningModule):
                 self.cfg.normalize_hidden,
             )
 
+    def configure_model(self) -> None:
+        """Under the fsdp2 strategy: shard the student (as its own ``configure_model`` would)
+        and the projections; the frozen teacher is unregistered and stays whole on every
+        rank (it only runs forward)."""
+        if self._device_mesh is None:
+            return
+        bf16 = self._trainer is not None and self.trainer.precision == "bf16-mixed"
+        fully_shard_task(self.student, self._device_mesh, bf16_gather=bf16)
+        if self.matcher is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            dp = self._device_mesh
+            dp = dp["data_parallel"] if "data_parallel" in (dp.mesh_dim_names or ()) else dp
+            fully_shard(self.matcher, mesh=dp)
+
     # ------------------------------------------------------------------ teacher handling
     def set_teacher(self, teacher: TaskModule | None) -> None:
         """Freeze ``teacher`` and store it unregistered (not in state_dict / parameters)."""
@@ -669,7 +685,7 @@ def distill_fit(
     finally:
         if teacher is not None:
             teacher.cpu()
-    return module.student.float().cpu().eval()
+    return single_device_copy(module.student).float().cpu().eval()
 
 
 def count_active_params(module: nn.Module) -> int:

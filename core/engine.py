@@ -289,32 +289,66 @@ class TaskModule(lightning.LightningModule):
         self._blocks_compiled = True
 
     def configure_model(self) -> None:
-        """Under the fsdp2 strategy: ``fully_shard`` each block, then each top-level child.
+        """Under the fsdp2 strategy: :func:`fully_shard_task` with Lightning's device mesh.
 
         Called by Lightning with the device mesh set (``ModelParallelStrategy``); a no-op
-        for every other strategy. Blocks are sharded one by one so that only one block's
-        parameters are gathered at a time; afterwards each direct child that holds
-        parameters (backbone with its embeddings and final norm, adapter, head) becomes
-        its own FSDP unit, so every parameter is sharded and its gradient reduced.
+        for every other strategy.
         """
-        mesh = self._device_mesh
-        if mesh is None:
+        if self._device_mesh is None:
             return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        bf16 = self._trainer is not None and self.trainer.precision == "bf16-mixed"
+        fully_shard_task(self, self._device_mesh, bf16_gather=bf16)
 
-        if isinstance(self.backbone, FSDPModule):
-            return  # already sharded (a second fit with the same module)
-        own = [name for name, _ in self.named_parameters(recurse=False)]
-        if own:
-            raise ValueError(
-                f"fsdp2 shards submodules; move parameters {own} of {type(self).__name__} into a submodule"
-            )
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        for block in self.transformer_blocks():
-            fully_shard(block, mesh=dp_mesh)
-        for child in self.children():
-            if any(True for _ in child.parameters()) and not isinstance(child, FSDPModule):
-                fully_shard(child, mesh=dp_mesh)
+
+def fully_shard_task(module: nn.Module, mesh: Any, bf16_gather: bool = False) -> None:
+    """FSDP2 for a task module: ``fully_shard`` each transformer block, then each direct child.
+
+    Blocks are sharded one by one so that only one block's parameters are gathered at a
+    time; afterwards each direct child that holds parameters (backbone with its embeddings
+    and final norm, adapter, head) becomes its own FSDP unit, so every parameter is sharded
+    and its gradient reduced. ``mesh``: Lightning's 2-D mesh (its ``data_parallel`` axis is
+    used) or a 1-D mesh.
+
+    ``bf16_gather`` (the engine sets it under ``bf16-mixed``): the shards stay float32 (the
+    optimizer's master weights) but are gathered in bfloat16 and gradients reduced in
+    float32 (FSDP2's ``MixedPrecisionPolicy``, torchtitan's default): autocast would cast the
+    weights to bf16 for every matmul anyway, and gathering fp32 moves twice the bytes.
+    """
+    from torch.distributed.fsdp import (
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    if isinstance(getattr(module, "backbone", None), FSDPModule):
+        return  # already sharded (a second fit with the same module)
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(
+            f"fsdp2 shards submodules; move parameters {own} of {type(module).__name__} into a submodule"
+        )
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    kw: dict[str, Any] = {"mesh": dp_mesh}
+    if bf16_gather:
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    blocks = module.transformer_blocks() if hasattr(module, "transformer_blocks") else []
+    for block in blocks:
+        fully_shard(block, **kw)
+    # Submodules called through a method other than forward (``fsdp_forward_methods``, e.g.
+    # PatchEmbed1d.forward_with_mask) become their own units with that method hooked, or
+    # the call would see the unsharded-parameter hooks never run.
+    for sub in list(module.modules()):
+        methods = getattr(sub, "fsdp_forward_methods", ())
+        if sub is not module and methods and not isinstance(sub, FSDPModule):
+            fully_shard(sub, **kw)
+            for name in methods:
+                register_fsdp_forward_method(sub, name)
+    for child in module.children():
+        if any(True for _ in child.parameters()) and not isinstance(child, FSDPModule):
+            fully_shard(child, **kw)
 
 
 # ============================================================================ trainer

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from core import tracking
+from core.sharding import launched_as_secondary_rank
 from core.spec import discover_apps, load_app_spec
 
 
@@ -126,6 +127,9 @@ def _distill(spec: Any, args: argparse.Namespace) -> int:
     teacher = mlflow.pyfunc.load_model(teacher_uri).unwrap_python_model().predictor
     cfg = _load_config(spec, args.config)
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    if launched_as_secondary_rank():  # see pipelines.lifecycle.train_register_promote
+        hook(cfg, teacher, run=None, distill_cfg=dcfg)
+        return 0
     with tracking.start_run(
         f"keel-{spec.name}",
         config={**cfg_dict, "distill": dcfg.to_dict()},
@@ -269,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             margin=args.margin,
             auto_promote=not args.no_promote,
         )
+        if not rep.version:  # a secondary rank of a multi-GPU run: rank 0 reports
+            return 0
         print(
             f"{rep.model_name} v{rep.version} ({'champion' if rep.promoted else 'challenger'}); "
             f"run {rep.run_id}"

@@ -21,6 +21,7 @@ import mlflow  # noqa: E402
 
 from core import tracking  # noqa: E402
 from core.pyfunc import log_predictor  # noqa: E402
+from core.sharding import launched_as_secondary_rank  # noqa: E402
 from core.spec import AppSpec, EvalResult, load_app_spec  # noqa: E402
 from pipelines import registry  # noqa: E402
 
@@ -135,8 +136,22 @@ def train_register_promote(
         if config is not None
         else (spec.demo_config() if spec.demo_config else spec.config_cls())
     )
-    tracking.configure(tracking_uri)
     name = registry.model_name(spec.name)
+    if launched_as_secondary_rank():
+        # Multi-GPU training (trainer.devices > 1) re-runs this command once per extra
+        # rank: it joins every training step, then leaves logging and registry to rank 0.
+        result = spec.train(cfg, run=None)
+        return LifecycleReport(
+            spec.name,
+            name,
+            "",
+            "",
+            result.evaluation.metrics,
+            result.evaluation.protocol,
+            False,
+            ["secondary rank: trained its share; rank 0 logs and registers"],
+        )
+    tracking.configure(tracking_uri)
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     with tracking.start_run(
         f"keel-{spec.name}", config=cfg_dict, run_name=run_name or f"{spec.name}-train"

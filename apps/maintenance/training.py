@@ -57,6 +57,7 @@ from apps.maintenance.predictor import (
 )
 from apps.maintenance.windows import WindowSet, build_windows
 from core.engine import build_trainer, seed_everything
+from core.sharding import full_state_dict, single_device_copy
 from core.spec import EvalResult
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ class BestValidationRMSE(lightning.Callback):
         log.info("epoch %d: validation RMSE (capped truth) %.3f", epoch, rmse_val)
         if rmse_val < self.best:
             self.best, self.best_epoch = rmse_val, epoch
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            # full CPU tensors: under fsdp2 the live weights are this rank's shards
+            self.state = full_state_dict(pl_module)
         elif self.patience is not None and epoch - self.best_epoch >= self.patience:
             trainer.should_stop = True
 
@@ -302,7 +304,7 @@ def _train_member(
         tcfg = dataclasses.replace(tcfg, seed=member_seed(tcfg.seed, k))
     trainer = build_trainer(tcfg, extra_callbacks=callbacks, logger=logger if k == 0 else False)
     trainer.fit(model, train_dl, val_dl)
-    model = model.cpu().eval()
+    model = single_device_copy(model).cpu().eval()
     if cfg.restore_best:
         best.restore(model)
     return model, losses, best

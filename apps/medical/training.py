@@ -37,6 +37,7 @@ from apps.medical.model import (
 )
 from apps.medical.preprocess import PreparedScan
 from core.engine import build_trainer
+from core.sharding import single_device_copy
 
 
 class ArrayDataset(Dataset):
@@ -156,7 +157,7 @@ def fit_detector(
     )
     trainer = build_trainer(_trainer_cfg(dc.trainer, cfg.seed), logger=logger)
     trainer.fit(model, train_dataloaders=loader)
-    return model.cpu().eval()
+    return single_device_copy(model).cpu().eval()
 
 
 def _stage1_of(
@@ -261,7 +262,7 @@ def fit_fp_reduction(
     )
     trainer = build_trainer(_trainer_cfg(fc.trainer, cfg.seed + 1), logger=logger)
     trainer.fit(model, train_dataloaders=loader)
-    model = model.cpu().eval()
+    model = single_device_copy(model).cpu().eval()
     if val_scans:
         detector.to(device)
         val_cands = [_stage1_of(cfg, detector, s, candidates) for s in val_scans]
@@ -412,8 +413,8 @@ def fit_dense_detector(
         f"{time.monotonic() - t0:.0f} s, last epoch loss {float(loss) if loss is not None else float('nan'):.3f}",
         flush=True,
     )
+    model = single_device_copy(model).cpu().eval()
     model.train_steps_ = int(trainer.global_step)
-    model = model.cpu().eval()
     if val_scans and dc.nms_grid_mm:
         dc.nms_radius_mm = tune_nms_radius(cfg, model, val_scans, truth)
     return model

@@ -368,22 +368,6 @@ def test_ddp_strategy_keeps_per_rank_moe_counts():
     assert trainer.strategy._ddp_kwargs["broadcast_buffers"] is False
 
 
-@pytest.fixture
-def clean_dist_env(monkeypatch):
-    for key in (
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "NODE_RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "OMP_NUM_THREADS",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_fsdp2_one_process_gloo_run_shards_blocks(tmp_path, clean_dist_env):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor

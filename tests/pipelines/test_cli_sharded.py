@@ -1,0 +1,60 @@
+"""``keel maintenance train`` with ``trainer.strategy: fsdp2`` on two CPU processes (gloo).
+
+The real CLI, the real Lightning launcher (it re-runs the command for rank 1), a real sqlite
+MLflow store: rank 1 trains its share of every step and leaves logging and the registry to
+rank 0, so the run and the registered version exist once, and the registered model is a
+plain single-device model that scores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+
+from apps.maintenance.config import demo_config
+from core.sharding import is_sharded
+
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
+    cfg = demo_config()
+    cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_layers = 32, 64, 2
+    cfg.model.attention.n_heads = 2
+    cfg.ensemble_size = 1
+    cfg.trainer.max_epochs = 2
+    cfg.alarm.horizons, cfg.alarm.ks = (36.0, 48.0), (1, 3)
+    cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.accelerator = "fsdp2", 2, "cpu"
+    cfg.to_yaml(tmp_path / "cfg.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("PL_")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "pipelines.cli", "--tracking-uri", uri]
+    cmd += ["maintenance", "train", "--config", str(tmp_path / "cfg.yaml")]
+    proc = subprocess.run(
+        cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    assert proc.stdout.count("keel-maintenance v1 (champion)") == 1  # rank 1 printed nothing
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert runs["tags.mlflow.runName"].tolist() == ["maintenance-train"]
+    versions = mlflow.MlflowClient().search_model_versions("name='keel-maintenance'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert runs["metrics.rmse_capped"].iloc[0] > 0
+
+    model = mlflow.pyfunc.load_model("models:/keel-maintenance@champion")
+    predictor = model.unwrap_python_model().predictor
+    assert not is_sharded(predictor.model)
+    readings = pd.read_parquet("data_samples/maintenance/fleet_sensors.parquet")
+    one_unit = readings[readings[readings.columns[0]] == readings[readings.columns[0]].iloc[0]]
+    scores = model.predict(one_unit)
+    assert len(scores) > 0 and scores.filter(like="rul").notna().all().all()
