@@ -379,9 +379,13 @@ def main() -> None:
     dd.add_argument("--layers", type=int, default=8)
     dd.add_argument("--seq", type=int, default=512)
     dd.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
-    dd.add_argument("--steps", type=int, default=30)
+    dd.add_argument("--large-batch", type=int, default=64, help="second weak-scaling batch")
+    dd.add_argument("--steps", type=int, default=60, help="steps of the loss-curve runs")
     dd.add_argument("--warmup", type=int, default=5)
     dd.add_argument("--tiny", action="store_true", help="CPU gloo smoke check")
+    dd.add_argument(
+        "--fp8-compile", action="store_true", help="also FSDP2 + FP8 (torchao) + compile"
+    )
     args = p.parse_args()
     t0 = time.time()
     cmds = {"mfu": cmd_mfu, "fp8": cmd_fp8, "check-flex": cmd_check_flex, "ddp2": cmd_ddp2}

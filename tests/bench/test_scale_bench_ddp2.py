@@ -1,0 +1,38 @@
+"""``python -m bench.train_bench ddp2 --tiny``: the 2-GPU scaling bench's code path on CPU
+(two gloo processes), checked for what its GPU figures rest on: the 1-process and 2-process
+runs see the same global batches (equal losses), full sharding halves each rank's state,
+and the Lightning FSDP2 run reloads from its sharded checkpoint to the same logits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+from bench.scale_bench import cmd_ddp2
+
+
+@pytest.mark.slow
+def test_ddp2_tiny_same_losses_half_state_and_reload(monkeypatch):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = dict(os.environ)
+    value, d = cmd_ddp2(argparse.Namespace(tiny=True, return_results=True))
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):  # the in-process 1-GPU run
+        if key not in before:
+            os.environ.pop(key, None)
+
+    assert 0 < value < 10
+    assert d["max_loss_gap_vs_single_accum"]["ddp"] < 1e-5
+    assert d["max_loss_gap_vs_single_accum"]["fsdp2"] < 1e-5
+    assert d["lightning_max_loss_gap_fsdp2_vs_single"] < 1e-5
+    first, last = d["loss_first_last"]["single_accum"]
+    assert last < first  # the curves being compared actually move
+    state = d["state_gb_per_rank"]
+    assert state["fsdp2"] == pytest.approx(state["single"] / 2, rel=0.02)
+    assert state["ddp"] == pytest.approx(state["single"], rel=1e-6)
+    reload = d["lightning_reload_max_abs_gap"]
+    assert reload["checkpoint_vs_gathered"] < 1e-6 and reload["gathered_vs_sharded"] < 1e-5
+    assert reload["logit_scale"] > 0.1
