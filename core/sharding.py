@@ -118,7 +118,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return _load_distributed_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
 
 
 def load_module(path: str | os.PathLike, module_cls: type[M]) -> M:

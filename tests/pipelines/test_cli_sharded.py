@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from apps.maintenance.config import demo_config
+from core import tracking
 from core.sharding import is_sharded
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
@@ -44,11 +45,12 @@ def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
     assert proc.stdout.count("keel-maintenance v1 (champion)") == 1  # rank 1 printed nothing
 
-    mlflow.set_tracking_uri(uri)
+    tracking.configure(uri)  # tracking and registry: an earlier test may have moved either
     runs = mlflow.search_runs(search_all_experiments=True)
     assert runs["tags.mlflow.runName"].tolist() == ["maintenance-train"]
     versions = mlflow.MlflowClient().search_model_versions("name='keel-maintenance'")
     assert [str(v.version) for v in versions] == ["1"]
+    assert versions[0].run_id == runs["run_id"].iloc[0]
     assert runs["metrics.rmse_capped"].iloc[0] > 0
 
     model = mlflow.pyfunc.load_model("models:/keel-maintenance@champion")
