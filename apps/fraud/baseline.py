@@ -130,6 +130,7 @@ class LightGBMBaseline(ClassifierMixin, BaseEstimator):
                 ]
         model.fit(x, y, **fit_kw)
         self.model_ = model
+        self.n_train_rows_ = len(y)
         self.best_iteration_ = int(model.best_iteration_ or self.n_estimators)
         self.evals_result_ = dict(model.evals_result_)
         self.classes_ = np.array([0, 1])

@@ -180,7 +180,15 @@ def _small_backbone() -> BackboneConfig:
 class FraudConfig(YamlConfig):
     """One fraud training run. ``data_path=None`` reads the schema's ``default_path``;
     ``history_path`` (optional) is prepended to files scored by the predictor so that
-    per-card history features see the days before the file (see ``predictor.py``)."""
+    per-card history features see the days before the file (see ``predictor.py``).
+
+    ``refit_on_validation``: after choosing the backbone's epoch count (best validation
+    AP), LightGBM's tree count (early stopping), calibration and threshold on the
+    validation block, retrain both models from scratch on training + validation rows
+    for exactly those counts and score the test block with them (calibration and
+    threshold stay the validation-fitted ones; ``training.refit_backbone``). On a
+    time-ordered split the validation block is the data just before the test block, the
+    freshest fraud patterns. Off by default; it roughly doubles training time."""
 
     schema: str = "synthetic"
     data_path: str | None = None
@@ -197,6 +205,7 @@ class FraudConfig(YamlConfig):
     )
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    refit_on_validation: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class FraudModel(TaskModule):
         self.history_len = history_len if n_hist_features else 0
         if self.history_len:
             self.hist_proj = nn.Linear(n_hist_features, d)
-            self.hist_lag_HD = nn.Parameter(torch.randn(history_len, d) * d**-0.5)
+            self.hist_lag = LagEmbedding(history_len, d)
+            self.register_load_state_dict_pre_hook(_rename_pre_lag_embedding_key)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(d, 1))
         self.loss_kind = loss
         self.pos_weight = float(pos_weight)
@@ -107,7 +108,7 @@ class FraudModel(TaskModule):
             return None
         hist_BHF = batch["hist"][:, : self.history_len]
         pad_BH = batch["hist_pad"][:, : self.history_len].bool()
-        tok_BHD = self.hist_proj(hist_BHF) + self.hist_lag_HD
+        tok_BHD = self.hist_proj(hist_BHF) + self.hist_lag()
         return tok_BHD.masked_fill(pad_BH.unsqueeze(-1), 0.0), pad_BH
 
     def tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -198,6 +199,31 @@ def average_precision_np(y: np.ndarray, s: np.ndarray) -> float:
     tps = np.cumsum(y_sorted)[last]
     precision = tps / (last + 1)
     return float(np.sum(np.diff(np.r_[0.0, tps]) / tps[-1] * precision))
+
+
+def _rename_pre_lag_embedding_key(
+    module: nn.Module, state_dict: dict, prefix: str, *_: Any
+) -> None:
+    """State dicts saved before :class:`LagEmbedding` name its parameter ``hist_lag_HD``."""
+    old = f"{prefix}hist_lag_HD"
+    if old in state_dict:
+        state_dict[f"{prefix}hist_lag.lag_HD"] = state_dict.pop(old)
+
+
+class LagEmbedding(nn.Module):
+    """A learned vector per position in the card's history (0 = most recent).
+
+    A module of its own, not a bare parameter of the model, because FSDP2 shards
+    submodules (``core.engine.fully_shard_task``). Its parameter was the model's
+    ``hist_lag_HD`` before; state dicts saved under that name still load.
+    """
+
+    def __init__(self, history_len: int, d_model: int) -> None:
+        super().__init__()
+        self.lag_HD = nn.Parameter(torch.randn(history_len, d_model) * d_model**-0.5)
+
+    def forward(self) -> Tensor:
+        return self.lag_HD
 
 
 class PeriodicNumeric(nn.Module):

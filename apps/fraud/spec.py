@@ -30,6 +30,12 @@ KNOWN_LIMITS = [
     "calibration and threshold were fitted on the validation block; drift needs re-training",
 ]
 
+REFIT_LIMITS = [
+    "refit on training + validation rows: calibration and the alert threshold were fitted on"
+    " the validation scores of the model before the refit, so alert rates may differ from the"
+    " budget",
+]
+
 
 def train(cfg: FraudConfig, run: Any = None) -> TrainResult:
     from core.tracking import lightning_logger
@@ -55,7 +61,8 @@ def train(cfg: FraudConfig, run: Any = None) -> TrainResult:
         input_example=example,
         data_fingerprint=out.data.fingerprint,
         extra={
-            "known_limits": KNOWN_LIMITS,
+            "known_limits": KNOWN_LIMITS + (REFIT_LIMITS if cfg.refit_on_validation else []),
+            "refit_on_validation": cfg.refit_on_validation,
             "threshold_rows": out.threshold_rows,
             "schema": schema.name,
             "pos_weight": out.extra["pos_weight"],

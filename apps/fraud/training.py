@@ -11,7 +11,10 @@ run without MLflow, so nothing here imports it):
    ``KeepBestWeights``), calibrate on the VALIDATION block, choose the alert threshold on
    the VALIDATION block;
 4. fit LightGBM on the same features and split (early stopping on validation);
-5. score the TEST block only now, with metrics of the official protocol.
+5. optionally (``refit_on_validation``) retrain both from scratch on training + validation
+   rows for the epoch / tree count chosen in 3-4, keeping 3's calibration and threshold:
+   on a time-ordered split the validation block is the data nearest the test block;
+6. score the TEST block only now, with metrics of the official protocol.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from apps.fraud.schema import TS, FraudSchema, load_schema
 from apps.fraud.splits import TimeSplit, time_fraction_split, train_delay_test_split
 from apps.fraud.thresholds import threshold_for_alert_budget, threshold_for_cost
 from core.engine import build_trainer, seed_everything
+from core.sharding import single_device_copy
 from core.spec import EvalResult
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ class FitOutput:
     baseline: LightGBMBaseline | None
     threshold_rows: np.ndarray  # rows the threshold and calibration were chosen on
     extra: dict[str, Any] = field(default_factory=dict)
+    refit_rows: np.ndarray | None = None  # rows the refit backbone trained on (if refit)
 
 
 def protocol_split(frame: pl.DataFrame, schema: FraudSchema, cfg: FraudConfig) -> TimeSplit:
@@ -116,12 +121,16 @@ def load_data(cfg: FraudConfig) -> PreparedData:
     return PreparedData(schema, frame, raw, split, y, days, cards, _fingerprint(frame))
 
 
-def training_rows(data: PreparedData, cfg: FraudConfig) -> tuple[np.ndarray, float]:
+def training_rows(
+    data: PreparedData, cfg: FraudConfig, block: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """``(rows, pos_weight)`` of one training run: all training frauds plus a seeded share
     ``head.neg_sample_rate`` of legitimate training rows, and the positive-class weight of
     the loss on those rows (``head.pos_weight``; ``"sqrt"``: sqrt(negatives / positives)).
-    Shared by :func:`fit` and the distillation student, so both see the same rows."""
-    idx = data.split.train
+    Shared by :func:`fit` and the distillation student, so both see the same rows.
+    ``block``: the candidate rows (default the training block; the refit passes training
+    + validation: the draws of the training part are then the same as without refit)."""
+    idx = data.split.train if block is None else block
     rate = cfg.head.neg_sample_rate
     if rate < 1:
         rng = np.random.default_rng(cfg.seed)
@@ -166,7 +175,28 @@ def protocol_text(cfg: FraudConfig, data: PreparedData) -> str:
         f"({cfg.threshold.rule}) chosen on the validation block only; metrics on the test "
         f"block: PR-AUC (average precision), ROC-AUC, recall at precision 0.9, recall at 1% "
         f"FPR{cp}, alerts per day at the validation threshold. LightGBM baseline on the same "
-        "features and split (metrics prefixed baseline/)."
+        "features and split (metrics prefixed baseline/)." + refit_text(cfg)
+    )
+
+
+def refit_text(cfg: FraudConfig) -> str:
+    """The refit's part of the protocol string (empty when ``refit_on_validation`` is off)."""
+    if not cfg.refit_on_validation:
+        return ""
+    return (
+        " Refit on validation: after step 1 (train on the training block; backbone epoch "
+        "count = best validation-AP epoch, or all epochs without best-epoch selection; "
+        "LightGBM tree count by early stopping on validation AP; calibration and threshold "
+        "on validation), both models are retrained from scratch (same seed and "
+        "hyper-parameters, features still fitted on training rows) on training + validation "
+        "rows for exactly the chosen epoch count (epochs over the larger block, not steps) / "
+        "tree count, and the test block is scored with the refit models. Limitation: "
+        "calibration and alert thresholds are step 1's, fitted on step 1's validation "
+        "scores (the refit model has seen the validation rows), so threshold metrics of the "
+        "refit models may drift; ranking metrics (PR-AUC, ROC-AUC, recall at precision, "
+        "Card Precision@k) do not depend on them. No test row is used for training, "
+        "selection, calibration or thresholds. Step 1's test metrics are reported with the "
+        "prefix no_refit/."
     )
 
 
@@ -360,6 +390,85 @@ def averaged_weights(cfg: FraudConfig) -> AveragedWeights | None:
     return AveragedWeights(decay, h.average_start_epoch)
 
 
+def refit_block(split: TimeSplit) -> np.ndarray:
+    """Training + validation rows, in time order: what the refit trains on (never delay or
+    test rows; the two blocks are adjacent and precede the test block)."""
+    return np.sort(np.concatenate([split.train, split.valid]))
+
+
+@dataclass
+class Refit:
+    """The backbone retrained on training + validation rows (``refit_on_validation``)."""
+
+    model: FraudModel
+    rows: np.ndarray  # the rows it trained on (frauds + sampled legitimate rows)
+    epochs: int  # epochs it ran (= the epochs step 1 chose)
+    steps: int  # optimizer steps it took
+    schedule_steps: int  # length of its warm-up + cosine schedule
+    pos_weight: float
+
+
+def refit_backbone(
+    cfg: FraudConfig,
+    data: PreparedData,
+    ib: InputBuilder,
+    mi: ModelInputs,
+    epochs: int,
+    device: str | None = None,
+) -> Refit:
+    """Retrain the backbone from scratch on training + validation rows for exactly
+    ``epochs`` epochs (the count step 1 chose on validation): same seed, initial weights,
+    hyper-parameters and negative sub-sampling rule. There is no validation block left, so
+    no best-epoch selection: the weights (averaged ones if ``head.weight_average``) after
+    the last epoch are the model. The warm-up + cosine schedule keeps step 1's horizon,
+    ``trainer.max_epochs`` epochs of the refit rows (``optim.max_steps`` if set), so the
+    learning rate at the end of the refit is the one step 1 had at its chosen epoch; the
+    number of optimizer steps grows with the rows (epochs count, not steps)."""
+    if epochs < 1:
+        raise FraudDataError(f"refit needs >= 1 epoch, got {epochs}")
+    rows, pos_weight = training_rows(data, cfg, refit_block(data.split))
+    train = {**mi.take(rows), "y": data.y[rows]}
+    bs = cfg.head.batch_size
+    per_epoch = math.ceil(len(rows) / bs)
+    horizon = cfg.optim.max_steps or (cfg.trainer.max_epochs or epochs) * per_epoch
+    trainer_cfg = replace(
+        cfg.trainer,
+        max_epochs=epochs,
+        max_steps=-1,
+        seed=cfg.seed,
+        enable_checkpointing=False,
+        early_stopping_patience=None,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    if device is not None:
+        trainer_cfg = replace(trainer_cfg, accelerator=device)
+    average = averaged_weights(cfg)
+    trainer = build_trainer(trainer_cfg, [average] if average else [], logger=False)
+    cfg_refit = replace(cfg, optim=replace(cfg.optim, max_steps=horizon))
+    model = build_model(cfg_refit, ib, pos_weight)
+    trainer.fit(model, train_dataloaders=loader(train, bs, shuffle=True, seed=cfg.seed))
+    model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
+    model = model.float().cpu() if device not in (None, "cpu") else model
+    return Refit(model, rows, trainer.current_epoch, trainer.global_step, horizon, pos_weight)
+
+
+def baseline_estimator(cfg: FraudConfig, n_estimators: int | None = None) -> LightGBMBaseline:
+    """The LightGBM baseline of ``cfg`` (``n_estimators`` overrides the tree budget)."""
+    b = cfg.baseline
+    return LightGBMBaseline(
+        n_estimators=n_estimators or b.n_estimators,
+        learning_rate=b.learning_rate,
+        num_leaves=b.num_leaves,
+        early_stopping_rounds=b.early_stopping_rounds,
+        imbalance=b.imbalance,
+        subsample=b.subsample,
+        colsample_bytree=b.colsample_bytree,
+        n_jobs=b.n_jobs,
+        random_state=cfg.seed,
+    )
+
+
 def fit(
     cfg: FraudConfig,
     data: PreparedData | None = None,
@@ -394,6 +503,7 @@ def fit(
     trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
     model = build_model(cfg, ib, pos_weight)
     trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
+    model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model
 
     # Calibration and threshold: validation rows only.
@@ -404,30 +514,15 @@ def fit(
     threshold, rule = choose_threshold(
         cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
     )
-    predictor = FraudPredictor(
-        model,
-        ib,
-        calib,
-        {"alert": threshold},
-        {"n_reasons": cfg.head.n_reasons, "history_path": cfg.history_path, "rule": rule},
-    )
+    options = {"n_reasons": cfg.head.n_reasons, "history_path": cfg.history_path, "rule": rule}
+    predictor = FraudPredictor(model, ib, calib, {"alert": threshold}, options)
 
     baseline = None
     base_scores = None
     base_thr = None
     if cfg.baseline.enabled:
         x, cat = stack_features(mi.x_raw, mi.x_cat)
-        baseline = LightGBMBaseline(
-            n_estimators=cfg.baseline.n_estimators,
-            learning_rate=cfg.baseline.learning_rate,
-            num_leaves=cfg.baseline.num_leaves,
-            early_stopping_rounds=cfg.baseline.early_stopping_rounds,
-            imbalance=cfg.baseline.imbalance,
-            subsample=cfg.baseline.subsample,
-            colsample_bytree=cfg.baseline.colsample_bytree,
-            n_jobs=cfg.baseline.n_jobs,
-            random_state=cfg.seed,
-        ).fit(
+        baseline = baseline_estimator(cfg).fit(
             x[split.train],
             data.y[split.train],
             eval_set=(x[split.valid], data.y[split.valid]),
@@ -439,15 +534,45 @@ def fit(
         )
         base_scores = baseline.decision_function(x[split.test])
 
-    evaluation = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr)
     extra: dict[str, Any] = {"pos_weight": pos_weight}
+    no_refit: dict[str, float] = {}
+    refit = None
+    if cfg.refit_on_validation:
+        # Step 1's model, baseline and figures, scored before the refit replaces them.
+        before = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr, figures=False)
+        no_refit = {f"no_refit/{k}": v for k, v in before.metrics.items()}
+        chosen = keep_best.best_epoch if keep_best is not None else None
+        epochs = chosen + 1 if chosen is not None else trainer.current_epoch
+        refit = refit_backbone(cfg, data, ib, mi, epochs, device)
+        # Calibration and threshold stay step 1's (validation rows are training rows now).
+        predictor = FraudPredictor(refit.model, ib, calib, {"alert": threshold}, options)
+        extra.update(
+            refit_epochs=refit.epochs,
+            refit_steps=refit.steps,
+            refit_schedule_steps=refit.schedule_steps,
+            refit_rows=len(refit.rows),
+            refit_pos_weight=refit.pos_weight,
+            refit_rows_last_time=str(data.frame.get_column(TS)[int(refit.rows.max())]),
+        )
+        if baseline is not None:
+            block = refit_block(split)
+            n_trees = baseline.best_iteration_
+            baseline = baseline_estimator(cfg, n_trees).fit(
+                x[block], data.y[block], categorical_feature=cat
+            )
+            base_scores = baseline.decision_function(x[split.test])
+            extra.update(lightgbm_refit_rows=len(block), lightgbm_refit_trees=n_trees)
+
+    evaluation = evaluate_inputs(cfg, data, predictor, mi, base_scores, base_thr)
+    evaluation.metrics.update(no_refit)
     if average is not None:
         extra["weight_average"] = (
             f"ema {average.decay}" if average.decay is not None else "uniform"
         ) + f" from epoch {average.start_epoch}"
     if keep_best is not None:
         extra.update(best_epoch=keep_best.best_epoch, best_val_ap=keep_best.best)
-    return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, extra)
+    refit_rows = refit.rows if refit is not None else None
+    return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, extra, refit_rows)
 
 
 def evaluate_inputs(

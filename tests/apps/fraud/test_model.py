@@ -151,3 +151,35 @@ def test_ulb_like_protocol_without_card_ids(tmp_path):
         <= ts[split.valid].max()
         < ts[split.test].min()
     )
+
+
+def test_state_dicts_saved_before_lag_embedding_still_load():
+    """The history-position vectors moved into a submodule (FSDP2 shards submodules);
+    a state dict that names them ``hist_lag_HD`` (registered models) loads unchanged."""
+
+    def build(seed: int) -> FraudModel:
+        torch.manual_seed(seed)
+        return FraudModel(
+            {
+                "d_model": 16,
+                "n_layers": 1,
+                "ffn_hidden": 32,
+                "moe": None,
+                "attention": {"n_heads": 2},
+            },
+            n_numeric=3,
+            cat_cardinalities=[4],
+            n_hist_features=5,
+            history_len=4,
+        )
+
+    saved = build(0).state_dict()
+    old = {("hist_lag_HD" if k == "hist_lag.lag_HD" else k): v for k, v in saved.items()}
+    assert "hist_lag_HD" in old and "hist_lag.lag_HD" not in old
+    model = build(1)
+    model.load_state_dict(old)  # strict: every key matched
+    torch.testing.assert_close(model.hist_lag.lag_HD, saved["hist_lag.lag_HD"])
+    wrapper = torch.nn.Module()
+    wrapper.student = build(2)  # nested (a distillation module): the prefix is honoured
+    wrapper.load_state_dict({f"student.{k}": v for k, v in old.items()})
+    torch.testing.assert_close(wrapper.student.hist_lag.lag_HD, saved["hist_lag.lag_HD"])
