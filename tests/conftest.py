@@ -26,3 +26,22 @@ def _restore_mlflow_tracking() -> Iterator[None]:
         else:
             os.environ[var] = value
     tracking_utils._tracking_uri = saved_uri
+
+
+# What Lightning's launcher and torch.distributed read from, and Lightning writes back.
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+
+
+@pytest.fixture
+def clean_dist_env(monkeypatch):
+    """An in-process distributed run (gloo, one process) that leaves nothing behind: no
+    rendezvous variables before it, none of those Lightning set after it, no process group."""
+    import torch
+
+    for key in (*DIST_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in DIST_ENV:
+        os.environ.pop(key, None)

@@ -8,32 +8,15 @@ distributed strategies a distributed sampler)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from apps.fraud.metrics import average_precision
 from core.sharding import is_sharded
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
-
-
-@pytest.fixture
-def fresh_dist_env(monkeypatch):
-    import torch
-
-    for key in DIST_ENV:
-        monkeypatch.delenv(key, raising=False)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key in DIST_ENV:
-        os.environ.pop(key, None)
-
 
 def test_fsdp2_training_gives_a_plain_model_of_the_same_quality(
-    tmp_path, tiny_fraud_run, fresh_dist_env
+    tmp_path, tiny_fraud_run, clean_dist_env
 ):
     from apps.fraud.training import fit
     from tests.apps.fraud.fraud_model_helpers import tiny_config
