@@ -1571,7 +1571,7 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
     tcfg = TrainerConfig(
         accelerator="gpu" if cuda else "cpu",
         devices=world,
-        strategy="fsdp2" if world > 1 else "auto",
+        strategy=a.get("strategy") or ("fsdp2" if world > 1 else "auto"),
         precision=a.get("precision") or ("bf16-mixed" if cuda else "32"),
         compile=bool(a.get("compile")),
         fp8_min_features=a.get("fp8_min_features", 2048),
@@ -1590,8 +1590,8 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
     mem = _state_bytes(module, trainer.optimizers[0])
     mem["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reload_gap = None
-    if world > 1:
-        ckpt = Path(out).parent / "lightning_ckpt"
+    if tcfg.strategy == "fsdp2":
+        ckpt = Path(out).with_suffix(".ckpt")
         trainer.save_checkpoint(ckpt)
         ids, _ = _lm_batch(a, 2, 10_000, "cpu")
         module.eval()
@@ -1826,6 +1826,78 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
         )
     else:
         record("scale", "ddp2_scaling_efficiency", value, details)
+
+
+def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> tuple[float, dict] | None:
+    """FSDP2 through core.engine on ONE device, against the unsharded engine run: the
+    composition check for a machine with a single GPU (no scaling figure).
+
+    Two runs of the ddp2 bench's LM on the same batches: ``strategy="auto"`` and
+    ``strategy="fsdp2"`` (a 1-rank mesh: bf16 gathers, sharded optimizer step, sharded
+    checkpoint), each bf16-mixed; with ``--fp8-compile`` the same pair again under FP8
+    (torchao, float8 all-gather) with compiled blocks. Reported: the largest per-step loss
+    gap, the sharded checkpoint and the gathered copy against the sharded model's logits,
+    and tokens/s of both. ``--tiny``: CPU, fp32. Entry point: ``python -m bench.train_bench
+    fsdp2-1gpu``.
+    """
+    import tempfile
+
+    tiny = getattr(args, "tiny", False)
+    device = "cpu" if tiny else "cuda"
+    base = {
+        "device": device,
+        "d": 64 if tiny else args.d_model,
+        "layers": 2 if tiny else args.layers,
+        "seq": 32 if tiny else args.seq,
+        "vocab": 256 if tiny else 8192,
+        "lr": 1e-3,
+        "warmup": 1 if tiny else args.warmup,
+        "batch": 4 if tiny else 2 * args.batch,
+        "accum": 1,
+        "steps": 4 if tiny else args.steps,
+    }
+    variants = {"bf16": {}}
+    if getattr(args, "fp8_compile", False):
+        variants["fp8_compile"] = {"precision": "fp8", "compile": True, "fp8_min_features": 1024}
+    details: dict[str, Any] = {"settings": base, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in variants.items():
+            runs = {}
+            for strategy in ("auto", "fsdp2"):
+                out = f"{tmp}/{name}_{strategy}.json"
+                try:
+                    _lightning_worker(0, 1, {**base, **extra, "strategy": strategy}, out)
+                except Exception as err:
+                    if name == "bf16":
+                        raise
+                    print(f"{name} {strategy} failed: {err!r}", flush=True)
+                    break
+                runs[strategy] = r = json.loads(Path(out).read_text())
+                print(
+                    f"{name} {strategy}: {r['tokens_per_s']:.0f} tok/s, state"
+                    f" {r['mem_per_rank']['total_gb']:.3f} GB, loss {r['losses'][0]:.3f} ->"
+                    f" {r['losses'][-1]:.4f}",
+                    flush=True,
+                )
+            if len(runs) < 2:
+                details["variants"][name] = {"error": "a run failed; see the log"}
+                continue
+            pairs = zip(runs["auto"]["losses"], runs["fsdp2"]["losses"], strict=True)
+            details["variants"][name] = {
+                "max_loss_gap_fsdp2_vs_unsharded": max(abs(p - q) for p, q in pairs),
+                "loss_first_last": {k: (v["losses"][0], v["losses"][-1]) for k, v in runs.items()},
+                "tokens_per_s": {k: v["tokens_per_s"] for k, v in runs.items()},
+                "state_gb": {k: v["mem_per_rank"]["total_gb"] for k, v in runs.items()},
+                "reload_max_abs_gap": runs["fsdp2"]["reload_max_abs_gap"],
+            }
+    value = details["variants"]["bf16"]["max_loss_gap_fsdp2_vs_unsharded"]
+    if getattr(args, "return_results", False):
+        return value, details
+    if tiny:
+        print(json.dumps(details, default=str)[:3000])
+    else:
+        record("scale", "fsdp2_one_gpu_max_loss_gap", value, details)
+    return None
 
 
 # ============================================================================ main

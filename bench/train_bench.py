@@ -349,6 +349,13 @@ def cmd_ddp2(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> None:
+    """FSDP2 vs unsharded on one device: implemented in :func:`bench.scale_bench.cmd_fsdp2_one_gpu`."""
+    from bench.scale_bench import cmd_fsdp2_one_gpu as run
+
+    run(args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -386,9 +393,24 @@ def main() -> None:
     dd.add_argument(
         "--fp8-compile", action="store_true", help="also FSDP2 + FP8 (torchao) + compile"
     )
+    one = sub.add_parser("fsdp2-1gpu", help="FSDP2 (+FP8, compile) vs unsharded on one GPU")
+    one.add_argument("--d-model", type=int, default=1024)
+    one.add_argument("--layers", type=int, default=8)
+    one.add_argument("--seq", type=int, default=512)
+    one.add_argument("--batch", type=int, default=16, help="half the sequences per step")
+    one.add_argument("--steps", type=int, default=60)
+    one.add_argument("--warmup", type=int, default=5)
+    one.add_argument("--fp8-compile", action="store_true")
+    one.add_argument("--tiny", action="store_true", help="CPU smoke check")
     args = p.parse_args()
     t0 = time.time()
-    cmds = {"mfu": cmd_mfu, "fp8": cmd_fp8, "check-flex": cmd_check_flex, "ddp2": cmd_ddp2}
+    cmds = {
+        "mfu": cmd_mfu,
+        "fp8": cmd_fp8,
+        "check-flex": cmd_check_flex,
+        "ddp2": cmd_ddp2,
+        "fsdp2-1gpu": cmd_fsdp2_one_gpu,
+    }
     cmds[args.cmd](args)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
