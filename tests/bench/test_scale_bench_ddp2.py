@@ -36,3 +36,17 @@ def test_ddp2_tiny_same_losses_half_state_and_reload(monkeypatch):
     reload = d["lightning_reload_max_abs_gap"]
     assert reload["checkpoint_vs_gathered"] < 1e-6 and reload["gathered_vs_sharded"] < 1e-5
     assert reload["logit_scale"] > 0.1
+
+
+def test_fsdp2_one_device_tiny_matches_unsharded_and_reloads(clean_dist_env):
+    """``python -m bench.train_bench fsdp2-1gpu --tiny``: FSDP2 through the engine on one
+    process equals the unsharded engine run, and its checkpoint reloads exactly."""
+    from bench.scale_bench import cmd_fsdp2_one_gpu
+
+    value, d = cmd_fsdp2_one_gpu(argparse.Namespace(tiny=True, return_results=True))
+    bf16 = d["variants"]["bf16"]  # fp32 on the CPU (the name is the GPU run's precision)
+    assert value == bf16["max_loss_gap_fsdp2_vs_unsharded"] < 1e-5
+    first, last = bf16["loss_first_last"]["fsdp2"]
+    assert last < first
+    reload = bf16["reload_max_abs_gap"]
+    assert reload["checkpoint_vs_gathered"] < 1e-6 and reload["gathered_vs_sharded"] < 1e-5
