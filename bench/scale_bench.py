@@ -76,9 +76,11 @@ null with ``details.valid = false`` and ``invalid_reason`` (the would-be figure 
 (patch embedding and heads are tiny).
 
 **ddp2** (``python -m bench.train_bench ddp2``, implemented here in :func:`cmd_ddp2`): 1 GPU
-vs 2 GPUs with DDP and FSDP2 on the same global batch: throughput, per-GPU bytes of params +
-grads + AdamW state, loss curves (``core.json`` key ``ddp2_scaling_efficiency``); ``--tiny``
-runs it on CPU with gloo.
+vs 2 GPUs with DDP and FSDP2, plain PyTorch and through ``core.engine``: weak-scaling and
+same-global-batch throughput, per-GPU bytes of params + grads + AdamW state, loss curves,
+sharded-checkpoint reload (``scale.json`` key ``ddp2_scaling_efficiency``); ``--tiny`` runs it
+on CPU with gloo. **fsdp2-1gpu** (:func:`cmd_fsdp2_one_gpu`): FSDP2 through the engine against
+the unsharded engine run on one device, bf16 and FP8 + compile (``fsdp2_one_gpu_max_loss_gap``).
 
 No MLflow import anywhere on this path; fraud needs polars (skipped with a message when
 absent); medical needs neither pydicom nor MONAI once its npz folder exists.

@@ -3,6 +3,7 @@
     python -m bench.train_bench mfu   # d=1024, 12 layers, seq 512: dense vs MoE+DGA
     python -m bench.train_bench fp8   # d=2048, FFN 8192: bf16 vs FP8 (torchao), memory vs fp32
     python -m bench.train_bench ddp2  # 1 vs 2 GPUs: DDP and FSDP2 throughput, memory, losses
+    python -m bench.train_bench fsdp2-1gpu  # FSDP2 via the engine vs unsharded, one GPU
 
 The task is a token-level language-model-style objective on synthetic token ids
 (embedding -> backbone -> vocabulary head, cross-entropy against a fixed random
