@@ -1386,6 +1386,19 @@ def _lm_config(a: dict) -> Any:
     )
 
 
+def _lm_settings(args: argparse.Namespace, tiny: bool) -> dict[str, Any]:
+    """The bench LM's size and optimizer settings: the GPU flags, or the CPU smoke sizes."""
+    return {
+        "device": "cpu" if tiny else "cuda",
+        "d": 64 if tiny else args.d_model,
+        "layers": 2 if tiny else args.layers,
+        "seq": 32 if tiny else args.seq,
+        "vocab": 256 if tiny else 8192,
+        "lr": 1e-3,
+        "warmup": 1 if tiny else args.warmup,
+    }
+
+
 def _lm_batch(a: dict, rows: int, step: int, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Step ``step``'s global batch: random tokens whose target is a fixed per-token map, so
     the loss falls within tens of steps and loss curves can be compared."""
@@ -1686,18 +1699,10 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
     import tempfile
 
     tiny = getattr(args, "tiny", False)
-    device = "cpu" if tiny else "cuda"
+    base = _lm_settings(args, tiny)
+    device = base["device"]
     if device == "cuda" and torch.cuda.device_count() < 2:
         raise SystemExit(f"ddp2 needs 2 GPUs; found {torch.cuda.device_count()}")
-    base = {
-        "device": device,
-        "d": 64 if tiny else args.d_model,
-        "layers": 2 if tiny else args.layers,
-        "seq": 32 if tiny else args.seq,
-        "vocab": 256 if tiny else 8192,
-        "lr": 1e-3,
-        "warmup": 1 if tiny else args.warmup,
-    }
     small, large = (2, 4) if tiny else (args.batch, args.large_batch)
     curve_steps, speed_steps = (4, 2) if tiny else (args.steps, max(10, args.steps // 3))
     plan = [  # (name, worker, world, settings)
@@ -1845,15 +1850,8 @@ def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> tuple[float, dict] | None:
     import tempfile
 
     tiny = getattr(args, "tiny", False)
-    device = "cpu" if tiny else "cuda"
     base = {
-        "device": device,
-        "d": 64 if tiny else args.d_model,
-        "layers": 2 if tiny else args.layers,
-        "seq": 32 if tiny else args.seq,
-        "vocab": 256 if tiny else 8192,
-        "lr": 1e-3,
-        "warmup": 1 if tiny else args.warmup,
+        **_lm_settings(args, tiny),
         "batch": 4 if tiny else 2 * args.batch,
         "accum": 1,
         "steps": 4 if tiny else args.steps,
