@@ -1856,9 +1856,13 @@ def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> tuple[float, dict] | None:
         "accum": 1,
         "steps": 4 if tiny else args.steps,
     }
-    variants = {"bf16": {}}
+    variants: dict[str, dict] = {"bf16": {}}
+    fp8 = {"precision": "fp8", "fp8_min_features": 1024}
     if getattr(args, "fp8_compile", False):
-        variants["fp8_compile"] = {"precision": "fp8", "compile": True, "fp8_min_features": 1024}
+        variants["fp8_compile"] = {**fp8, "compile": True}
+    if getattr(args, "separate", False):  # which of FP8 and compile costs FSDP2 its speed
+        variants["bf16_compile"] = {"compile": True}
+        variants["fp8_eager"] = fp8
     details: dict[str, Any] = {"settings": base, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in variants.items():

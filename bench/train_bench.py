@@ -402,6 +402,9 @@ def main() -> None:
     one.add_argument("--steps", type=int, default=60)
     one.add_argument("--warmup", type=int, default=5)
     one.add_argument("--fp8-compile", action="store_true")
+    one.add_argument(
+        "--separate", action="store_true", help="also bf16 + compile and FP8 without compile"
+    )
     one.add_argument("--tiny", action="store_true", help="CPU smoke check")
     args = p.parse_args()
     t0 = time.time()
