@@ -1488,7 +1488,17 @@ def _ddp2_worker(rank: int, world: int, mode: str, a: dict, out: str) -> None:
         _write_run(out, mode, world, a, times, losses, mem)
 
 
-def _write_run(out: str, mode: str, world: int, a: dict, times, losses, mem) -> None:
+def _write_run(
+    out: str,
+    mode: str,
+    world: int,
+    a: dict,
+    times: list[float],
+    losses: list[float],
+    mem: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """One run's record (median step time, tokens/s, losses, memory, ``extra``) as JSON."""
     times = sorted(times)
     step_ms = times[len(times) // 2]
     rows = world * a["accum"] * a["batch"]
@@ -1501,6 +1511,7 @@ def _write_run(out: str, mode: str, world: int, a: dict, times, losses, mem) -> 
         "tokens_per_s": rows * a["seq"] / (step_ms / 1e3),
         "losses": losses,
         "mem_per_rank": mem,
+        **extra,
     }
     Path(out).write_text(json.dumps(res))
 
@@ -1633,10 +1644,8 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
             timer.times,
             timer.losses,
             mem,
+            reload_max_abs_gap=reload_gap,
         )
-        res = json.loads(Path(out).read_text())
-        res["reload_max_abs_gap"] = reload_gap
-        Path(out).write_text(json.dumps(res))
 
 
 def _spawn(fn: Any, world: int, args: tuple, limit_s: float = 300.0) -> None:
@@ -1667,11 +1676,11 @@ def _pair_worker(rank: int, world: int, jobs: list, port: int, cuda: bool) -> No
 
     _dist_init(rank, world, port, cuda)
     try:
-        for kind, mode, a, out in jobs:
-            if kind == "lightning":
+        for worker, a, out in jobs:  # worker: "lightning", or a _ddp2_worker mode
+            if worker == "lightning":
                 _lightning_worker(rank, world, a, out)
             else:
-                _ddp2_worker(rank, world, mode, a, out)
+                _ddp2_worker(rank, world, worker, a, out)
             dist.barrier()
     finally:
         if dist.is_initialized():
@@ -1740,7 +1749,7 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
         for name, worker, world, extra in plan:
             a, out = {**base, **extra}, f"{tmp}/{name}.json"
             if world > 1:
-                pair_jobs.append((worker, worker, a, out))
+                pair_jobs.append((worker, a, out))
                 continue
             try:
                 if worker == "lightning":

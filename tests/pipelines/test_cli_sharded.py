@@ -57,6 +57,6 @@ def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
     predictor = model.unwrap_python_model().predictor
     assert not is_sharded(predictor.model)
     readings = pd.read_parquet("data_samples/maintenance/fleet_sensors.parquet")
-    one_unit = readings[readings[readings.columns[0]] == readings[readings.columns[0]].iloc[0]]
+    one_unit = readings[readings["asset_id"] == readings["asset_id"].iloc[0]]
     scores = model.predict(one_unit)
     assert len(scores) > 0 and scores.filter(like="rul").notna().all().all()
