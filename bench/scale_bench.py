@@ -1611,6 +1611,8 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
         seed=0,
     )
     trainer = build_trainer(tcfg, extra_callbacks=[timer], logger=False)
+    if cuda:  # 1-GPU jobs share one process: each peak is its own run's
+        torch.cuda.reset_peak_memory_stats()
     # the Steps dataset already holds this rank's share: no distributed sampler on top
     trainer.fit(module, torch.utils.data.DataLoader(Steps(), batch_size=None, shuffle=False))
     mem = _state_bytes(module, trainer.optimizers[0])
