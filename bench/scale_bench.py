@@ -1525,6 +1525,11 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
     import os
 
     import lightning
+
+    # Runs share a process (1-GPU jobs one after another, the pair jobs in the same two
+    # ranks). Compiled code of the earlier runs would count against dynamo's recompile
+    # limit and could leave a later run falling back to eager: each run starts clean.
+    torch._dynamo.reset()
     import torch.distributed as dist
     from torch import nn
 
