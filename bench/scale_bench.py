@@ -1525,13 +1525,13 @@ def _lightning_worker(rank: int, world: int, a: dict, out: str) -> None:
     import os
 
     import lightning
-
-    # Runs share a process (1-GPU jobs one after another, the pair jobs in the same two
-    # ranks). Compiled code of the earlier runs would count against dynamo's recompile
-    # limit and could leave a later run falling back to eager: each run starts clean.
-    torch._dynamo.reset()
     import torch.distributed as dist
     from torch import nn
+
+    # Runs share a process (1-GPU jobs one after another, the pair jobs in the same two
+    # ranks). Sharing it with earlier compiled runs halved compiled FSDP2 runs on the H200
+    # (session 7) while fresh processes did not, so each run starts from a clean dynamo.
+    torch._dynamo.reset()
 
     from core.engine import TaskModule, TrainerConfig, build_trainer
     from core.sharding import load_module, single_device_copy
