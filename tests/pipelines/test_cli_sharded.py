@@ -60,3 +60,35 @@ def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
     one_unit = readings[readings["asset_id"] == readings["asset_id"].iloc[0]]
     scores = model.predict(one_unit)
     assert len(scores) > 0 and scores.filter(like="rul").notna().all().all()
+
+    # the champion is the teacher of a 2-process fsdp2 distillation: one challenger
+    student = demo_config()
+    student.model.d_model, student.model.ffn_hidden, student.model.n_layers = 16, 32, 1
+    student.model.n_dense_layers, student.model.moe = 1, None
+    student.model.attention.n_heads = 2
+    student.ensemble_size = 1
+    student.trainer.max_epochs = 1
+    student.alarm.horizons, student.alarm.ks = (36.0, 48.0), (1, 3)
+    student.trainer.strategy, student.trainer.devices = "fsdp2", 2
+    student.trainer.accelerator = "cpu"
+    student.to_yaml(tmp_path / "student.yaml")
+    cmd = [sys.executable, "-m", "pipelines.cli", "--tracking-uri", uri]
+    cmd += ["maintenance", "distill", "--config", str(tmp_path / "student.yaml")]
+    proc = subprocess.run(
+        cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    assert proc.stdout.count("(challenger, distilled from models:/keel-maintenance@champion)") == 1
+    tracking.configure(uri)
+    versions = mlflow.MlflowClient().search_model_versions("name='keel-maintenance'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert sorted(runs["tags.mlflow.runName"]) == ["maintenance-distill", "maintenance-train"]
+    model = mlflow.pyfunc.load_model("models:/keel-maintenance/2")
+    distilled = model.unwrap_python_model().predictor
+    assert not is_sharded(distilled.model)
+    n_student = sum(p.numel() for p in distilled.model.parameters())
+    assert n_student < sum(p.numel() for p in predictor.model.parameters())
+    scores = model.predict(one_unit)
+    assert len(scores) > 0 and scores.filter(like="rul").notna().all().all()
