@@ -138,3 +138,30 @@ def test_mlp_students_fit_exactly_the_train_and_validation_rows(teacher_dir, rec
         )
     assert value == pytest.approx(np.mean(retentions))
     assert d["student_seeds"] == [0, 1] and "mean" in d["retention_is"]
+
+
+def test_delay_block_soft_labels_student(teacher_dir, tmp_path, monkeypatch) -> None:
+    """``--fraud-delay-soft-labels``: a third student fits the teacher's logits on the train,
+    validation and delay rows (the delay block's labels are never its targets), never a
+    test row, and the recorded key reports it against the scratch student."""
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    argv = _argv(teacher_dir, "--fraud-student-seeds", "0", "--fraud-delay-soft-labels")
+    assert sb.main(argv) == 0
+    rec = json.loads((tmp_path / "scale.json").read_text())
+    d = rec["fraud_student_retention_demo_delay_soft_labels"]["details"]
+    assert d["headline_student"] == "student_distilled_delay"
+    spans = d["trained_on"]
+    n_labelled = spans["student_scratch"]["n"]
+    assert spans["student_distilled"]["n"] == n_labelled
+    assert spans["student_distilled_delay"]["n"] > n_labelled  # the delay block's rows
+    assert spans["student_distilled_delay"]["last"] < spans["test"]["first"]
+    assert d["student_rows_in_test"] == 0
+    seed0 = d["per_seed"][0]
+    teacher_ap = d["rows"][0]["pr_auc"]
+    value = rec["fraud_student_retention_demo_delay_soft_labels"]["value"]
+    assert value == pytest.approx(seed0["student_distilled_delay_pr_auc"] / teacher_ap)
+    assert d["distilled_beats_scratch"] == (
+        seed0["student_distilled_delay_pr_auc"] > seed0["student_scratch_pr_auc"]
+    )
+    steps = seed0["optimizer_steps"]
+    assert steps["student_distilled_delay"] > steps["student_distilled"]  # more rows, same epochs
