@@ -49,6 +49,12 @@ same MLP with the same seed, rows, batches, steps and optimizer on the labels of
 (BCE weighted by the app's ``head.pos_weight`` rule). Fixed settings (``--fraud-mlp-*``),
 no epoch selection (the validation rows are training rows). ``--fraud-student-seeds``
 repeats the students for several seeds against one teacher; the key is the mean.
+``--fraud-delay-soft-labels`` (a protocol with a delay block, e.g. ``--fraud-config
+handbook``): a third MLP fits the teacher's logits on the train, validation and delay rows.
+The delay block's labels are not known when the model is trained, so the scratch student
+cannot use those rows and the teacher can label them: the issue's "soft labels on
+unlabelled data". The key (``fraud_student_retention_<config>_delay_soft_labels``) then
+reports that student against the scratch one.
 
 Medical uses the token detector with FP reduction (what ``apps/medical/distillation.py``
 distils; the dense detector is not distillable), the ``synthetic_bench`` sizes for the
