@@ -3,7 +3,8 @@
 The real CLI, the real Lightning launcher (it re-runs the command for rank 1), a real sqlite
 MLflow store: rank 1 trains its share of every step and leaves logging and the registry to
 rank 0, so the run and the registered version exist once, and the registered model is a
-plain single-device model that scores.
+plain single-device model that scores. Then ``keel maintenance distill`` on two processes,
+with that champion as the teacher, registers exactly one smaller plain challenger.
 """
 
 from __future__ import annotations
@@ -23,26 +24,38 @@ from core.sharding import is_sharded
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
 
 
-@pytest.mark.slow
-def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
+def _fsdp2_config(path, d_model: int, n_layers: int, epochs: int) -> str:
+    """A tiny demo-fleet maintenance config trained with fsdp2 on 2 CPU processes."""
     cfg = demo_config()
-    cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_layers = 32, 64, 2
+    cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_layers = d_model, 2 * d_model, n_layers
     cfg.model.attention.n_heads = 2
     cfg.ensemble_size = 1
-    cfg.trainer.max_epochs = 2
+    cfg.trainer.max_epochs = epochs
     cfg.alarm.horizons, cfg.alarm.ks = (36.0, 48.0), (1, 3)
     cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.accelerator = "fsdp2", 2, "cpu"
-    cfg.to_yaml(tmp_path / "cfg.yaml")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg.to_yaml(path)
+    return str(path)
+
+
+def _keel_on_two_processes(uri: str, action: str, config: str) -> subprocess.CompletedProcess:
+    """``keel maintenance <action> --config <config>``: Lightning launches rank 1 itself."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("PL_")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "pipelines.cli", "--tracking-uri", uri]
-    cmd += ["maintenance", "train", "--config", str(tmp_path / "cfg.yaml")]
+    cmd += ["maintenance", action, "--config", config]
     proc = subprocess.run(
         cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    return proc
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    teacher_yaml = _fsdp2_config(tmp_path / "cfg.yaml", d_model=32, n_layers=2, epochs=2)
+    proc = _keel_on_two_processes(uri, "train", teacher_yaml)
     assert proc.stdout.count("keel-maintenance v1 (champion)") == 1  # rank 1 printed nothing
 
     tracking.configure(uri)  # tracking and registry: an earlier test may have moved either
@@ -62,23 +75,8 @@ def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
     assert len(scores) > 0 and scores.filter(like="rul").notna().all().all()
 
     # the champion is the teacher of a 2-process fsdp2 distillation: one challenger
-    student = demo_config()
-    student.model.d_model, student.model.ffn_hidden, student.model.n_layers = 16, 32, 1
-    student.model.n_dense_layers, student.model.moe = 1, None
-    student.model.attention.n_heads = 2
-    student.ensemble_size = 1
-    student.trainer.max_epochs = 1
-    student.alarm.horizons, student.alarm.ks = (36.0, 48.0), (1, 3)
-    student.trainer.strategy, student.trainer.devices = "fsdp2", 2
-    student.trainer.accelerator = "cpu"
-    student.to_yaml(tmp_path / "student.yaml")
-    cmd = [sys.executable, "-m", "pipelines.cli", "--tracking-uri", uri]
-    cmd += ["maintenance", "distill", "--config", str(tmp_path / "student.yaml")]
-    proc = subprocess.run(
-        cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    student_yaml = _fsdp2_config(tmp_path / "student.yaml", d_model=16, n_layers=1, epochs=1)
+    proc = _keel_on_two_processes(uri, "distill", student_yaml)
     assert proc.stdout.count("(challenger, distilled from models:/keel-maintenance@champion)") == 1
     tracking.configure(uri)
     versions = mlflow.MlflowClient().search_model_versions("name='keel-maintenance'")
