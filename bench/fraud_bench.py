@@ -18,7 +18,8 @@ and scoring throughput with features included.
 Writes ``bench/results/fraud.json`` via ``bench.common.record`` and prints a table::
 
     python -m bench.fraud_bench [--only ulb|handbook|throughput ...] [--device cpu|cuda]
-                                [--ulb-config ulb|ulb_ema|PATH.yaml] [--refit]
+                                [--ulb-config ulb|ulb_ema|PATH.yaml]
+                                [--handbook-config handbook|PATH.yaml] [--refit]
 
 ``--refit`` sets ``refit_on_validation`` (see ``apps.fraud.config.FraudConfig``): step 1
 as above, then backbone and LightGBM retrained from scratch on train + validation rows for
@@ -66,7 +67,8 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
     from apps.fraud.config import load_config
     from apps.fraud.training import fit
 
-    cfg = load_config(args.ulb_config if name == "ulb" and args.ulb_config else name)
+    override = {"ulb": args.ulb_config, "handbook": args.handbook_config}.get(name)
+    cfg = load_config(override or name)
     if args.epochs:
         cfg.trainer.max_epochs = args.epochs
     if args.refit:
@@ -250,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument(
         "--ulb-config", default=None, help="shipped config name or YAML path for ulb (default ulb)"
+    )
+    ap.add_argument(
+        "--handbook-config",
+        default=None,
+        help="shipped config name or YAML path for handbook (default handbook)",
     )
     ap.add_argument(
         "--refit",
