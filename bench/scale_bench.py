@@ -963,6 +963,18 @@ def _span(ts: Any, y: Any, idx: Any) -> dict[str, Any]:
     }
 
 
+def mlp_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """The fastscore MLP's architecture and loop (``--fraud-mlp-*``), shared by every
+    student of one run so that they differ only in rows and targets."""
+    return {
+        "hidden": tuple(args.fraud_mlp_hidden),
+        "epochs": args.fraud_mlp_epochs,
+        "batch_size": args.fraud_mlp_batch,
+        "lr": args.fraud_mlp_lr,
+        "seed": seed,
+    }
+
+
 def fit_mlp_students(
     args: argparse.Namespace, x_NF: Any, soft_N: Any, y_N: Any, pos_weight: float, seed: int
 ) -> tuple[Any, Any, dict[str, float]]:
@@ -971,13 +983,7 @@ def fit_mlp_students(
     teacher term, the scratch one the labels with class-weighted BCE."""
     from apps.fraud.fastscore import distill_student, scratch_student
 
-    kw = {
-        "hidden": tuple(args.fraud_mlp_hidden),
-        "epochs": args.fraud_mlp_epochs,
-        "batch_size": args.fraud_mlp_batch,
-        "lr": args.fraud_mlp_lr,
-        "seed": seed,
-    }
+    kw = mlp_settings(args, seed)
     t0 = time.perf_counter()
     distilled = distill_student(x_NF, soft_N, **kw)
     t1 = time.perf_counter()
@@ -1039,7 +1045,8 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
         # The delay block's labels are not known yet when the model is trained (that is
         # the delay); its transactions are. The teacher labels them: soft labels only.
         say(f"fraud: teacher logits on {len(delay)} delay-block rows (unlabelled)")
-        x_delay = np.concatenate([x_NF, t_inputs.x_num[delay]])
+        delay_rows = np.concatenate([rows, delay])
+        x_delay = t_inputs.x_num[delay_rows]
         soft_delay = np.concatenate([soft_N, teacher.score_inputs(t_inputs.take(delay))[0]])
     x_test, y_test = t_inputs.x_num[split.test], y[split.test]
     table = [_fraud_row("teacher", teacher, t_ev, t_inputs.take(split.test), args)]
@@ -1055,15 +1062,7 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
             from apps.fraud.fastscore import distill_student
 
             t_d = time.perf_counter()
-            with_delay = distill_student(
-                x_delay,
-                soft_delay,
-                hidden=tuple(args.fraud_mlp_hidden),
-                epochs=args.fraud_mlp_epochs,
-                batch_size=args.fraud_mlp_batch,
-                lr=args.fraud_mlp_lr,
-                seed=seed,
-            )
+            with_delay = distill_student(x_delay, soft_delay, **mlp_settings(args, seed))
             secs["distill_with_delay"] = time.perf_counter() - t_d
             students.append(("student_distilled_delay", with_delay))
         m = {
@@ -1150,7 +1149,7 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
             **(
                 {
                     "student_distilled_delay": {
-                        **_span(ts, y, np.concatenate([rows, delay])),
+                        **_span(ts, y, delay_rows),
                         "rows": "train + validation blocks and the delay block, every row;"
                         " targets: the teacher's logits (the delay block's labels are"
                         " never read: they are not known yet at training time)",
@@ -1162,7 +1161,7 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
             "test": _span(ts, y, split.test),
         },
         "student_rows_in_test": int(
-            np.isin(rows if delay is None else np.concatenate([rows, delay]), split.test).sum()
+            np.isin(rows if delay is None else delay_rows, split.test).sum()
         ),
         "same_architecture": arch["hidden"][0] == arch["hidden"][1]
         and arch["n_features"][0] == arch["n_features"][1],
@@ -1194,11 +1193,11 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     print(json.dumps({k: details[k] for k in ("mean_pr_auc", "targets_met")}), flush=True)
-    key = "fraud_student_retention"
+    key = "fraud_student_retention"  # the ULB (and demo) key; other sets get their own
     if delay is not None or args.fraud_config not in ("ulb", "demo"):
-        key += f"_{Path(str(args.fraud_config)).stem}" + (
-            "_delay_soft_labels" * (delay is not None)
-        )
+        key += f"_{Path(str(args.fraud_config)).stem}"
+    if delay is not None:
+        key += "_delay_soft_labels"
     return {key: (retention, details)}
 
 

@@ -6,7 +6,6 @@ and the Lightning FSDP2 run reloads from its sharded checkpoint to the same logi
 from __future__ import annotations
 
 import argparse
-import os
 
 import pytest
 
@@ -14,15 +13,9 @@ from bench.scale_bench import cmd_ddp2
 
 
 @pytest.mark.slow
-def test_ddp2_tiny_same_losses_half_state_and_reload(monkeypatch):
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        monkeypatch.delenv(key, raising=False)
+def test_ddp2_tiny_same_losses_half_state_and_reload(clean_dist_env, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = dict(os.environ)
     value, d = cmd_ddp2(argparse.Namespace(tiny=True, return_results=True))
-    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):  # the in-process 1-GPU run
-        if key not in before:
-            os.environ.pop(key, None)
 
     assert 0 < value < 10
     assert d["max_loss_gap_vs_single_accum"]["ddp"] < 1e-5
