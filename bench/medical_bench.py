@@ -19,6 +19,9 @@ process; ``--threads`` torch threads). ``--monai-retinanet``: the same timing fo
 LUNA16 RetinaNet in the tutorial configuration (random weights; imports torchvision).
 ``--lidc``: where LIDC-IDRI-0001's nodule ranks among the candidates (needs pydicom and the
 shared data). ``--cpu-small``: a smaller backbone for CPU runs (labelled).
+``--extra-train-series N``: N more phantoms (indices after the config's ``n_series``) that
+only train: the held-out series, the validation series and their figures stay those of a run
+without them, so the effect of more training data is measured on the same scans.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from apps.medical.config import MedicalConfig
 TARGETS = {"sensitivity_at_4fp": 0.94, "cpm": 0.85, "infer_s_cpu": 180.0, "infer_s_gpu": 1.4}
 TIMING_SHAPE_ZYX = (300, 512, 512)
 TIMING_SPACING_ZYX = (1.0, 0.703125, 0.703125)
+EXTRA_TRAIN_FILE = "extra_train_seriesuids.csv"
 
 
 # ----------------------------------------------------------------------------- data
@@ -71,8 +75,11 @@ def prepare(out: Path, cfg: MedicalConfig, workers: int | None = None) -> Path:
         str(gen.get("size", "small")),
         int(gen.get("seed", 7)),
     )
+    n_extra = int(gen.get("extra_train_series", 0))
     (out / "npz").mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, i, size, str(out)) for i in range(n)]
+    # phantoms n .. n + n_extra - 1 are training-only extras: the first n (and so the
+    # held-out split and the validation series) stay exactly those of a run without extras
+    jobs = [(seed, i, size, str(out)) for i in range(n + n_extra)]
     workers = workers or max(1, min(8, (os.cpu_count() or 1) - 1))
     if workers > 1:
         import multiprocessing as mp
@@ -84,8 +91,23 @@ def prepare(out: Path, cfg: MedicalConfig, workers: int | None = None) -> Path:
     ann, exc, uids = luna_frames(phantoms)
     ann.to_csv(out / "annotations.csv", index=False, float_format="%.4f")
     exc.to_csv(out / "annotations_excluded.csv", index=False, float_format="%.4f")
-    (out / "seriesuids.csv").write_text("".join(u + "\n" for u in uids))
+    (out / EXTRA_TRAIN_FILE).write_text("".join(u + "\n" for u in uids[n:]))
+    (out / "seriesuids.csv").write_text("".join(u + "\n" for u in uids[:n]))  # last: marks done
     return out
+
+
+def extra_train_uids(data: Path, cfg: MedicalConfig) -> list[str]:
+    """The training-only extra series of ``data``; refuses a folder made with another count."""
+    want = int((cfg.data.generate or {}).get("extra_train_series", 0))
+    path = data / EXTRA_TRAIN_FILE
+    text = path.read_text() if path.is_file() else ""
+    have = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(have) != want:
+        raise SystemExit(
+            f"{data} holds {len(have)} extra training series ({EXTRA_TRAIN_FILE}), the run asks "
+            f"for {want}: prepare a new --data folder"
+        )
+    return have
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -93,7 +115,7 @@ def prepare(out: Path, cfg: MedicalConfig, workers: int | None = None) -> Path:
 
 def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> dict[str, float]:
     """Train on the training series, LUNA16 FROC on the held-out ones, record the figures."""
-    from apps.medical.data import load_prepared, load_raw_scan, read_truth, split_series
+    from apps.medical.data import Truth, load_prepared, load_raw_scan, read_truth, split_series
     from apps.medical.evaluation import evaluate_scans, froc_metrics
     from apps.medical.predictor import NoduleDetector
     from apps.medical.training import fit_detector, fit_fp_reduction
@@ -101,15 +123,21 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
 
     truth = read_truth(data)
     train, held = split_series(truth.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
+    extras = extra_train_uids(data, cfg)
+    if extras and cfg.fp_reduction.enabled:
+        raise SystemExit("extra training series are wired for stage 1 only")
+    fit_uids = [*train, *extras]
+    train_truth = Truth(truth.annotations, truth.excluded, fit_uids).subset(fit_uids)
     t0 = time.time()
     scans = load_prepared(cfg, data, train)
+    extra_scans = load_prepared(cfg, data, extras) if extras else []
     t_prep = time.time() - t0
-    det = fit_detector(cfg, scans, truth.subset(train))
+    det = fit_detector(cfg, scans, train_truth, extra_fit_scans=extra_scans)
     fp = (
         fit_fp_reduction(cfg, det, scans, truth.subset(train)) if cfg.fp_reduction.enabled else None
     )
     t_train = time.time() - t0
-    del scans
+    del scans, extra_scans
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = NoduleDetector(cfg, det.to(device), fp.to(device) if fp is not None else None)
     if model_dir is not None:
@@ -123,6 +151,7 @@ def run(data: Path, cfg: MedicalConfig, label: str, model_dir: Path | None) -> d
     details = {
         "label": label,
         "n_train_series": len(train),
+        "n_extra_train_series": len(extras),
         "n_validation_series": int(round(cfg.data.val_fraction * len(train))),
         "n_heldout_series": len(held),
         "n_nodules": result.n_nodules,
@@ -406,6 +435,12 @@ def _configure(args: argparse.Namespace) -> tuple[MedicalConfig, str]:
     if args.n_series is not None:
         cfg.data.generate = {**(cfg.data.generate or {}), "n_series": int(args.n_series)}
         label += f" ({args.n_series} series)"
+    if args.extra_train_series:
+        cfg.data.generate = {
+            **(cfg.data.generate or {}),
+            "extra_train_series": int(args.extra_train_series),
+        }
+        label += f" (+{args.extra_train_series} training-only series)"
     if args.spacing is not None:  # a finer grid for small nodules; crops keep their voxels
         cfg.spacing_zyx = (args.spacing,) * 3
         label += f" ({args.spacing:g} mm grid)"
@@ -436,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="stage-1 max epochs")
     ap.add_argument("--samples", type=int, help="stage-1 crops per epoch")
     ap.add_argument("--n-series", type=int, help="synthetic series to generate (25%% held out)")
+    ap.add_argument(
+        "--extra-train-series",
+        type=int,
+        help="more synthetic series that only train (held-out and validation series unchanged)",
+    )
     ap.add_argument("--spacing", type=float, help="isotropic grid in mm (config: 3)")
     ap.add_argument("--crop", type=int, help="training/inference crop edge in voxels")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation")
@@ -473,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(
             "--skip-train evaluates nothing on its own: add --timing, --lidc or --monai-retinanet"
         )
-    if args.skip_train and (args.tta or args.pos_size_power is not None or args.minutes):
+    if args.skip_train and (
+        args.tta or args.pos_size_power is not None or args.minutes or args.extra_train_series
+    ):
         ap.error(
-            "--tta / --pos-size-power / --minutes act on training and the held-out evaluation,"
+            "--tta / --pos-size-power / --minutes / --extra-train-series act on training and the"
+            " held-out evaluation,"
             " which --skip-train skips (timing and LIDC use the saved model's own config)"
         )
     needs_data = not args.skip_train or args.timing

@@ -135,14 +135,21 @@ def pretrain_detector(
 
 
 def fit_detector(
-    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
+    cfg: MedicalConfig,
+    scans: Sequence[PreparedScan],
+    truth: Truth,
+    logger: Any = None,
+    extra_fit_scans: Sequence[PreparedScan] = (),
 ) -> NoduleHeatmapModel:
     """Stage 1 on ``scans`` (training series only). ``detector.kind="dense"`` trains the
     voxel heat map (:func:`fit_dense_detector`), which also picks ``nms_radius_mm`` on a
-    validation part of ``scans`` when ``data.val_fraction`` and ``detector.nms_grid_mm`` are set."""
+    validation part of ``scans`` when ``data.val_fraction`` and ``detector.nms_grid_mm`` are set.
+    ``extra_fit_scans`` (dense only): more training series that only train, never validate."""
     dc = cfg.detector
     if dc.kind == "dense":
-        return fit_dense_detector(cfg, scans, truth, logger)
+        return fit_dense_detector(cfg, scans, truth, logger, extra_fit_scans)
+    if extra_fit_scans:
+        raise ValueError("extra_fit_scans needs detector.kind='dense'")
     rng = np.random.default_rng(cfg.seed)
     samples = detector_samples(cfg, scans, truth, rng)
     torch.manual_seed(cfg.seed)
@@ -390,16 +397,23 @@ def dense_trainer_config(cfg: MedicalConfig) -> tuple[Any, list[Callback]]:
 
 
 def fit_dense_detector(
-    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, logger: Any = None
+    cfg: MedicalConfig,
+    scans: Sequence[PreparedScan],
+    truth: Truth,
+    logger: Any = None,
+    extra_fit_scans: Sequence[PreparedScan] = (),
 ) -> Any:
     """Train :class:`apps.medical.dense.DenseHeatmapModel` on crops drawn on the fly from
     the training scans, then (when a validation part exists) set ``cfg.detector.nms_radius_mm``
     to the radius of ``nms_grid_mm`` with the best validation CPM. Mutates ``cfg`` on purpose:
-    the chosen radius is saved with the predictor's config."""
+    the chosen radius is saved with the predictor's config. ``extra_fit_scans`` join the
+    fitting series after the validation split of ``scans``, so adding training data leaves
+    the validation series (and their figures) comparable across runs."""
     from apps.medical.dense import DenseHeatmapModel
 
     dc = cfg.detector
     fit_scans, val_scans = split_validation(scans, cfg.data.val_fraction, cfg.data.split_seed)
+    fit_scans += list(extra_fit_scans)
     torch.manual_seed(cfg.seed)
     model = DenseHeatmapModel(dc.backbone, dc.optim, dc.patch_zyx, dc.stem_channels)
     loader = dense_crop_loader(cfg, fit_scans, truth, model.bank)
