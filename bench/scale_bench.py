@@ -231,6 +231,7 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.tiny:
         teacher.data.data_dir = str(ROOT / "data_samples/maintenance/cmapss")
         teacher.data.subset = "SYN"
+        teacher.data.extra_train_subsets = []  # the sample holds SYN only, not fd001's FD003
         teacher.train_stride = 8
         if getattr(teacher, "steps_per_epoch", None):
             teacher.steps_per_epoch = 4

@@ -37,6 +37,11 @@ class DataConfig(YamlConfig):
     as Lightning's validation set), the other half only measure lead time. For
     ``sensor_table``, ``test_fraction`` of the run-to-failure units become test units,
     truncated at a random reading as in C-MAPSS (seeded).
+
+    ``extra_train_subsets`` (``cmapss`` only): the *training* files of other subsets with the
+    same number of operating conditions (FD001 + FD003, or FD002 + FD004) join the training
+    units after the split, so the validation, lead-time and test units stay exactly those of
+    ``subset`` alone; no other subset's test file is read.
     """
 
     kind: str = "cmapss"
@@ -49,10 +54,20 @@ class DataConfig(YamlConfig):
     condition_onehot: bool = False
     val_fraction: float = 0.3
     test_fraction: float = 0.3
+    extra_train_subsets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise MaintenanceDataError(f"data.kind={self.kind!r}: expected one of {DATA_KINDS}")
+        if self.extra_train_subsets and self.kind != "cmapss":
+            raise MaintenanceDataError(
+                "data.extra_train_subsets needs data.kind='cmapss' (other subsets' training files)"
+            )
+        if self.subset in self.extra_train_subsets:
+            raise MaintenanceDataError(
+                f"data.extra_train_subsets lists {self.subset}, the subset itself: its training "
+                "units are already in; adding them again would leak validation units into training"
+            )
         if self.kind == "sensor_table" and not (
             self.table_path and self.schema_path and self.events_path
         ):

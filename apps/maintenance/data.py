@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from apps.maintenance.cmapss import SENSOR_COLUMNS, SETTING_COLUMNS, load_cmapss
+from apps.maintenance.cmapss import N_CONDITIONS, SENSOR_COLUMNS, SETTING_COLUMNS, load_cmapss
 from apps.maintenance.config import MaintenanceConfig
 from apps.maintenance.errors import MaintenanceDataError
 from apps.maintenance.events import label_runs, load_events
 from apps.maintenance.preprocess import (
-    N_CONDITIONS,
     SensorNormalizer,
     add_cmapss_targets,
     split_units,
@@ -82,6 +81,32 @@ def _load_cmapss(cfg: MaintenanceConfig) -> tuple[pd.DataFrame, pd.DataFrame, Se
     return _std_frame(train, schema, "unit"), _std_frame(test, schema, "unit"), schema, src
 
 
+EXTRA_UNIT_OFFSET = 1000  # extra subset i's unit u becomes (i + 1) * 1000 + u: no id collides
+
+
+def _extra_cmapss_train(cfg: MaintenanceConfig, schema: SensorSchema) -> pd.DataFrame:
+    """The training units of ``data.extra_train_subsets``, renumbered (their test files unread)."""
+    want = N_CONDITIONS.get(cfg.data.subset)
+    parts = []
+    for i, sub in enumerate(cfg.data.extra_train_subsets):
+        if N_CONDITIONS.get(sub) != want:
+            raise MaintenanceDataError(
+                f"data.extra_train_subsets: {sub} runs in {N_CONDITIONS.get(sub)} operating "
+                f"condition(s), {cfg.data.subset} in {want}; only subsets with the same "
+                "conditions share a normaliser (FD001 + FD003, FD002 + FD004)"
+            )
+        d = load_cmapss(cfg.data.cmapss_dir(), sub)
+        if d.train["unit"].max() >= EXTRA_UNIT_OFFSET:
+            raise MaintenanceDataError(
+                f"{sub}: unit ids reach {d.train['unit'].max()}; renumbering needs < {EXTRA_UNIT_OFFSET}"
+            )
+        train = add_cmapss_targets(d.train, d.test, d.test_rul, cap=cfg.rul_cap)[0]
+        frame = _std_frame(train, schema, "unit")
+        frame["unit"] = frame["unit"] + (i + 1) * EXTRA_UNIT_OFFSET
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _load_sensor_table(
     cfg: MaintenanceConfig,
 ) -> tuple[pd.DataFrame, pd.DataFrame, SensorSchema, str]:
@@ -129,6 +154,10 @@ def prepare_data(cfg: MaintenanceConfig) -> PreparedData:
     policy_units, lead_units = split_units(held, 0.5, seed=cfg.seed + 1)
     pick = train_all["unit"]
     train = train_all[pick.isin(tr_units)].reset_index(drop=True)
+    if cfg.data.extra_train_subsets:  # after the split: held-out and test units are unchanged
+        extra = _extra_cmapss_train(cfg, schema)
+        train = pd.concat([train, extra], ignore_index=True)
+        src += f" + training units of {', '.join(cfg.data.extra_train_subsets)}"
     k = cfg.data.n_conditions or default_k
     normalizer = SensorNormalizer(
         sensor_columns=schema.sensor_columns,
