@@ -44,7 +44,9 @@ teacher after training and reuses it in later runs with the same config, epochs 
 (:mod:`apps.fraud.fastscore`, ``--fraud-mlp-hidden``, default 64, 32) fitted on the
 teacher's stored logits over the train + validation rows (soft labels on more data than
 the teacher trained on: it only trained on the train block, the validation block chose its
-epoch) with core's teacher term (``alpha`` 1, MSE on the logit); the scratch control is the
+epoch) with core's teacher term (``--fraud-mlp-alpha``, default 1: MSE on the logit alone;
+below 1 the rest of the loss is the scratch student's BCE on the labels, key suffix
+``_alpha<a>``); the scratch control is the
 same MLP with the same seed, rows, batches, steps and optimizer on the labels of those rows
 (BCE weighted by the app's ``head.pos_weight`` rule). Fixed settings (``--fraud-mlp-*``),
 no epoch selection (the validation rows are training rows). ``--fraud-student-seeds``
@@ -976,6 +978,13 @@ def mlp_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     }
 
 
+def mlp_distill_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The MLP student's teacher term (:func:`apps.fraud.fastscore.student_distill_config`):
+    ``--fraud-mlp-alpha`` 1 fits the teacher's logits alone; below 1 it adds ``1 - alpha``
+    of the scratch student's class-weighted BCE on the same rows' labels."""
+    return {"alpha": float(args.fraud_mlp_alpha)}
+
+
 def fit_mlp_students(
     args: argparse.Namespace, x_NF: Any, soft_N: Any, y_N: Any, pos_weight: float, seed: int
 ) -> tuple[Any, Any, dict[str, float]]:
@@ -986,7 +995,9 @@ def fit_mlp_students(
 
     kw = mlp_settings(args, seed)
     t0 = time.perf_counter()
-    distilled = distill_student(x_NF, soft_N, **kw)
+    distilled = distill_student(
+        x_NF, soft_N, cfg=mlp_distill_config(args), y_N=y_N, pos_weight=pos_weight, **kw
+    )
     t1 = time.perf_counter()
     scratch = scratch_student(x_NF, y_N, pos_weight, **kw)
     t2 = time.perf_counter()
@@ -1037,6 +1048,10 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     x_NF, y_N = t_inputs.x_num[rows], y[rows]
     pos_weight = student_pos_weight(tcfg.head.pos_weight, y_N)
     delay = np.sort(split.delay) if args.fraud_delay_soft_labels else None
+    if delay is not None and args.fraud_mlp_alpha < 1.0:
+        raise SystemExit(
+            "--fraud-delay-soft-labels needs --fraud-mlp-alpha 1: the delay block has no labels yet"
+        )
     if delay is not None:
         if len(delay) == 0:
             raise SystemExit(
@@ -1175,7 +1190,7 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer": "AdamW (weight decay 1e-4), one-cycle LR",
             "optimizer_steps": steps,
             "features": "the teacher's scaled x_num (its InputBuilder, fitted on train rows)",
-            "distill_config": student_distill_config().to_dict(),
+            "distill_config": student_distill_config(mlp_distill_config(args)).to_dict(),
             "scratch_loss": f"BCE with pos_weight {pos_weight:.3f} "
             f"(head.pos_weight={tcfg.head.pos_weight!r} on the student rows)",
         },
@@ -1199,6 +1214,8 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
         key += f"_{Path(str(args.fraud_config)).stem}"
     if delay is not None:
         key += "_delay_soft_labels"
+    if args.fraud_mlp_alpha < 1.0:  # labels mixed into the teacher term: its own key
+        key += f"_alpha{args.fraud_mlp_alpha:g}"
     return {key: (retention, details)}
 
 
@@ -2111,6 +2128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fraud-mlp-epochs", type=int, default=6)
     ap.add_argument("--fraud-mlp-batch", type=int, default=1024)
     ap.add_argument("--fraud-mlp-lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--fraud-mlp-alpha",
+        type=float,
+        default=1.0,
+        help="MLP student: weight of the teacher term; 1 - alpha goes to the labels' BCE",
+    )
     ap.add_argument(
         "--fraud-student-seeds",
         type=int,

@@ -165,3 +165,48 @@ def test_delay_block_soft_labels_student(teacher_dir, tmp_path, monkeypatch) -> 
     )
     steps = seed0["optimizer_steps"]
     assert steps["student_distilled_delay"] > steps["student_distilled"]  # more rows, same epochs
+
+
+def test_alpha_below_one_mixes_the_labels_into_the_distilled_student(
+    teacher_dir, record, tmp_path, monkeypatch
+) -> None:
+    """``--fraud-mlp-alpha 0.5``: the distilled student's loss is half the teacher term, half
+    the scratch student's BCE on the same rows' labels; its own key; reproduced here."""
+    from apps.fraud.fastscore import distill_student, student_logits
+    from apps.fraud.metrics import fraud_metrics
+
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    assert (
+        sb.main(_argv(teacher_dir, "--fraud-student-seeds", "0", "--fraud-mlp-alpha", "0.5")) == 0
+    )
+    rec = json.loads((tmp_path / "scale.json").read_text())
+    d = rec["fraud_student_retention_alpha0.5"]["details"]
+    assert d["mlp"]["distill_config"]["alpha"] == 0.5
+    args = sb.parse_args(_argv(teacher_dir))
+    tcfg, _ = sb.fraud_configs(args)
+    teacher, data, _, inputs = sb.fraud_teacher(args, tcfg, None)
+    split = data.split
+    rows = np.sort(np.concatenate([split.train, split.valid]))
+    x, y = inputs.x_num[rows], data.y[rows]
+    soft = teacher.score_inputs(inputs.take(rows))[0]
+    pw = sb.student_pos_weight(tcfg.head.pos_weight, y)
+    kw = {"hidden": (64, 32), "epochs": 2, "batch_size": 256, "lr": 2e-3, "seed": 0}
+    mixed = distill_student(x, soft, cfg={"alpha": 0.5}, y_N=y, pos_weight=pw, **kw)
+    x_test, y_test = inputs.x_num[split.test], data.y[split.test]
+    ap = fraud_metrics(y_test, student_logits(mixed, x_test).astype(np.float64))["pr_auc"]
+    seed0 = d["per_seed"][0]
+    assert seed0["student_distilled_pr_auc"] == pytest.approx(ap, rel=0, abs=1e-12)
+    # the scratch control is untouched by alpha; the distilled student is not the alpha-1 one
+    assert (
+        seed0["student_scratch_pr_auc"]
+        == record["details"]["per_seed"][0]["student_scratch_pr_auc"]
+    )
+    pure = distill_student(x, soft, **kw)
+    assert not np.allclose(student_logits(pure, x_test), student_logits(mixed, x_test))
+    with pytest.raises(SystemExit, match="needs --fraud-mlp-alpha 1"):
+        sb.main(
+            _argv(
+                teacher_dir, "--fraud-student-seeds", "0", "--fraud-mlp-alpha", "0.5",
+                "--fraud-delay-soft-labels",
+            )
+        )  # fmt: skip
