@@ -41,7 +41,7 @@ class DataConfig(YamlConfig):
     ``extra_train_subsets`` (``cmapss`` only): the *training* files of other subsets with the
     same number of operating conditions (FD001 + FD003, or FD002 + FD004) join the training
     units after the split, so the validation, lead-time and test units stay exactly those of
-    ``subset`` alone; no other subset's test file is read.
+    ``subset`` alone; no other subset's test units are used.
     """
 
     kind: str = "cmapss"

@@ -85,7 +85,7 @@ EXTRA_UNIT_OFFSET = 1000  # extra subset i's unit u becomes (i + 1) * 1000 + u: 
 
 
 def _extra_cmapss_train(cfg: MaintenanceConfig, schema: SensorSchema) -> pd.DataFrame:
-    """The training units of ``data.extra_train_subsets``, renumbered (their test files unread)."""
+    """The training units of ``data.extra_train_subsets``, renumbered (their test units unused)."""
     want = N_CONDITIONS.get(cfg.data.subset)
     parts = []
     for i, sub in enumerate(cfg.data.extra_train_subsets):
