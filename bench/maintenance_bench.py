@@ -80,6 +80,8 @@ def run_one(subset: str, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
         out.predictor.model.to("cuda")
     ev = evaluate_prepared(out.predictor, out.data, cfg, figures=False)
     lead = ev.tables["lead_per_unit"]
+    last = ev.tables["test_last_cycle"]
+    readings = out.data.test.groupby("unit").size()
     return {
         "subset": subset,
         "seed": seed,
@@ -93,6 +95,13 @@ def run_one(subset: str, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": out.best_epoch,
         "val_rmse_by_smoothing": {str(k): v for k, v in out.val_rmse_by_smoothing.items()},
         "rul_smoothing": cfg.rul_smoothing,
+        "test_last_cycle": {  # one row per test unit, for the error breakdown
+            "rul_pred": last["rul_pred"].astype(float).tolist(),
+            "rul_true": last["rul_true"].astype(float).tolist(),
+            "n_readings": readings.loc[last["unit"]].astype(int).tolist(),
+        },
+        "rul_cap": cfg.rul_cap,
+        "window": cfg.window,
         "fit_s": t_fit,
         "total_s": time.perf_counter() - t0,
     }
@@ -117,6 +126,37 @@ def apply_override(cfg: Any, item: str) -> None:
 
 def _sd(v: list[float]) -> float:
     return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+TRUTH_BANDS = (0, 25, 50, 75, 100, 124.5, 125.5)  # the last band: truth at the cap
+
+
+def last_cycle_error_breakdown(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Where the capped test error sits, pooled over the runs: per band of capped true RUL
+    (and for units with no more readings than the window), units, RMSE, mean error (pred -
+    true) and share of the total squared error."""
+    pred = np.concatenate([r["test_last_cycle"]["rul_pred"] for r in runs])
+    cap = runs[0]["rul_cap"]
+    true = np.minimum(np.concatenate([r["test_last_cycle"]["rul_true"] for r in runs]), cap)
+    n_read = np.concatenate([r["test_last_cycle"]["n_readings"] for r in runs])
+    err = pred - true
+    total = float((err**2).sum())
+    groups = {
+        f"truth {lo:g}-{hi:g}" if hi < cap else f"truth at the cap ({cap:g})": (true > lo)
+        & (true <= hi)
+        for lo, hi in zip(TRUTH_BANDS[:-1], TRUTH_BANDS[1:], strict=True)
+    }
+    groups[f"<= {runs[0]['window']} readings"] = n_read <= runs[0]["window"]
+    return {
+        name: {
+            "units": int(sel.sum()),
+            "rmse": float(np.sqrt((err[sel] ** 2).mean())),
+            "mean_error": float(err[sel].mean()),
+            "share_of_squared_error": float((err[sel] ** 2).sum() / total),
+        }
+        for name, sel in groups.items()
+        if sel.any()
+    }
 
 
 def summarise(subset: str, runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -237,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in runs[0].get("val_rmse_by_smoothing", {})
             },
             "rul_smoothing": runs[0].get("rul_smoothing", 1),
+            "test_error_breakdown": last_cycle_error_breakdown(runs),
             "target_rmse": TARGETS.get(subset),
             "device": args.device,
             "precision": opts["precision"],
@@ -245,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             "bench_wall_s": round(wall, 1),
             "command": cmd,
         }
+        print(f"{subset} test error by capped true RUL (pooled over seeds):", flush=True)
+        for name, row in details["test_error_breakdown"].items():
+            print(
+                f"  {name:>22}: {row['units']:4d} units, rmse {row['rmse']:5.2f}, mean error "
+                f"{row['mean_error']:+6.2f}, {100 * row['share_of_squared_error']:4.1f}% of the "
+                "squared error",
+                flush=True,
+            )
         if subset == "FD001":
             details |= {
                 "lead_note": "held-out FD001 training units (10 per seed), eval horizon 30 cycles, "

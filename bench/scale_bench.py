@@ -1048,11 +1048,12 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     x_NF, y_N = t_inputs.x_num[rows], y[rows]
     pos_weight = student_pos_weight(tcfg.head.pos_weight, y_N)
     delay = np.sort(split.delay) if args.fraud_delay_soft_labels else None
-    if delay is not None and args.fraud_mlp_alpha < 1.0:
-        raise SystemExit(
-            "--fraud-delay-soft-labels needs --fraud-mlp-alpha 1: the delay block has no labels yet"
-        )
     if delay is not None:
+        if args.fraud_mlp_alpha < 1.0:
+            raise SystemExit(
+                "--fraud-delay-soft-labels needs --fraud-mlp-alpha 1: the delay block has no"
+                " labels yet"
+            )
         if len(delay) == 0:
             raise SystemExit(
                 f"--fraud-delay-soft-labels: the {split.protocol!r} split has no delay block"
