@@ -1767,6 +1767,51 @@ def _pair_worker(rank: int, world: int, jobs: list, port: int, cuda: bool) -> No
             dist.destroy_process_group()
 
 
+def ddp2_plan(
+    small: int,
+    large: int,
+    steps: tuple[int, int],
+    fp8_compile: bool = False,
+    engine_only: bool = False,
+) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """The ddp2 bench's runs, ``(name, worker, world, settings)``; ``steps`` = (steps of the
+    loss-curve runs, steps of the speed-only runs).
+
+    The full plan: hand-written DDP / FSDP2 at ``small`` and ``large`` sequences per GPU, and
+    the engine (Lightning) pair at ``small`` per rank against one GPU taking both ranks' rows
+    in one micro-batch (the same global batches: loss-curve and reload checks).
+    ``engine_only``: that engine pair, plus an engine weak-scaling pair at ``large``
+    sequences per GPU (one GPU at the same micro-batch), which measures the engine's own
+    2-GPU efficiency where compute can hide the gathers. ``fp8_compile`` repeats each engine
+    pair under FP8 (torchao) + compile (``_fp8`` in the name).
+    """
+    curve, speed = steps
+    pairs = [("", 2 * small, small, curve)]  # (name suffix, 1-GPU batch, per-rank batch, steps)
+    if engine_only:
+        pairs.append(("_large", large, large, speed))
+    variants = [("", {})]
+    if fp8_compile:
+        variants.append(("_fp8", {"precision": "fp8", "compile": True, "fp8_min_features": 1024}))
+    engine = []
+    for tag, extra in variants:
+        for suffix, one_batch, rank_batch, n in pairs:
+            for world, mode, batch in ((1, "single", one_batch), (2, "fsdp2", rank_batch)):
+                settings = {**extra, "batch": batch, "accum": 1, "steps": n}
+                engine.append((f"lightning_{mode}{tag}{suffix}", "lightning", world, settings))
+    if engine_only:
+        return engine
+    hand = [
+        ("single_accum", "single", 1, {"batch": small, "accum": 2, "steps": curve}),
+        ("ddp", "ddp", 2, {"batch": small, "accum": 1, "steps": curve}),
+        ("fsdp2", "fsdp2", 2, {"batch": small, "accum": 1, "steps": curve}),
+        ("single", "single", 1, {"batch": small, "accum": 1, "steps": speed}),
+        ("single_large", "single", 1, {"batch": large, "accum": 1, "steps": speed}),
+        ("ddp_large", "ddp", 2, {"batch": large, "accum": 1, "steps": speed}),
+        ("fsdp2_large", "fsdp2", 2, {"batch": large, "accum": 1, "steps": speed}),
+    ]
+    return hand + engine
+
+
 def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
     """1 GPU vs 2 GPUs (DDP, FSDP2), plain PyTorch and through core.engine (Lightning).
 
@@ -1782,8 +1827,12 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
       global batches), then the sharded checkpoint and the gathered copy checked against
       the sharded model's logits.
 
+    * ``--engine-only``: only the engine runs, plus an engine weak-scaling pair at
+      ``--large-batch`` (see :func:`ddp2_plan`), recorded as
+      ``ddp2_engine_weak_scaling_efficiency`` (the headline key is left alone).
+
     ``--tiny``: the same code on CPU with 2 gloo processes (a smoke check, not a measurement).
-    Entry points: ``python -m bench.train_bench ddp2 [--tiny]`` or this function.
+    Entry points: ``python -m bench.train_bench ddp2 [--tiny] [--engine-only]`` or this function.
     """
     import tempfile
 
@@ -1794,34 +1843,9 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
         raise SystemExit(f"ddp2 needs 2 GPUs; found {torch.cuda.device_count()}")
     small, large = (2, 4) if tiny else (args.batch, args.large_batch)
     curve_steps, speed_steps = (4, 2) if tiny else (args.steps, max(10, args.steps // 3))
-    plan = [  # (name, worker, world, settings)
-        ("single_accum", "single", 1, {"batch": small, "accum": 2, "steps": curve_steps}),
-        ("ddp", "ddp", 2, {"batch": small, "accum": 1, "steps": curve_steps}),
-        ("fsdp2", "fsdp2", 2, {"batch": small, "accum": 1, "steps": curve_steps}),
-        ("single", "single", 1, {"batch": small, "accum": 1, "steps": speed_steps}),
-        ("single_large", "single", 1, {"batch": large, "accum": 1, "steps": speed_steps}),
-        ("ddp_large", "ddp", 2, {"batch": large, "accum": 1, "steps": speed_steps}),
-        ("fsdp2_large", "fsdp2", 2, {"batch": large, "accum": 1, "steps": speed_steps}),
-        # one GPU takes both ranks' rows in one micro-batch: the same global batches
-        (
-            "lightning_single",
-            "lightning",
-            1,
-            {"batch": 2 * small, "accum": 1, "steps": curve_steps},
-        ),
-        ("lightning_fsdp2", "lightning", 2, {"batch": small, "accum": 1, "steps": curve_steps}),
-    ]
-    if getattr(args, "fp8_compile", False):  # FSDP2 composed with FP8 (torchao) and compile
-        fp8 = {"precision": "fp8", "compile": True, "fp8_min_features": 1024, "accum": 1}
-        plan += [
-            (
-                "lightning_single_fp8",
-                "lightning",
-                1,
-                {**fp8, "batch": 2 * small, "steps": curve_steps},
-            ),
-            ("lightning_fsdp2_fp8", "lightning", 2, {**fp8, "batch": small, "steps": curve_steps}),
-        ]
+    engine_only = bool(getattr(args, "engine_only", False))
+    fp8_compile = bool(getattr(args, "fp8_compile", False))
+    plan = ddp2_plan(small, large, (curve_steps, speed_steps), fp8_compile, engine_only)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
@@ -1865,6 +1889,10 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
         pairs = zip(results[x]["losses"], results[y]["losses"], strict=True)
         return max(abs(p - q) for p, q in pairs)
 
+    if engine_only:
+        return _engine_only_result(
+            args, tiny, results, eff, gap, {**base, "batch": small, "large_batch": large}
+        )
     details = {
         "settings": {**base, "batch": small, "large_batch": large},
         "weak_scaling_efficiency": {
@@ -1922,6 +1950,51 @@ def cmd_ddp2(args: argparse.Namespace) -> tuple[float, dict] | None:
         )
     else:
         record("scale", "ddp2_scaling_efficiency", value, details)
+
+
+def _engine_only_result(
+    args: argparse.Namespace,
+    tiny: bool,
+    results: dict[str, dict],
+    eff: Any,
+    gap: Any,
+    settings: dict[str, Any],
+) -> tuple[float, dict] | None:
+    """``ddp2 --engine-only``: the engine's (Lightning FSDP2) 2-GPU figures, recorded as
+    ``ddp2_engine_weak_scaling_efficiency`` (bf16-mixed at ``--large-batch`` sequences per
+    GPU); the hand-written headline ``ddp2_scaling_efficiency`` is left as it is."""
+    fp8_runs = {f"lightning_{m}_fp8{x}" for m in ("single", "fsdp2") for x in ("", "_large")}
+    tags = [""] + (["_fp8"] if fp8_runs <= results.keys() else [])  # an FP8 failure is skipped
+    details: dict[str, Any] = {"settings": settings, "runs": results}
+    for tag in tags:
+        one, two = f"lightning_single{tag}", f"lightning_fsdp2{tag}"
+        details[f"engine{tag or '_bf16'}"] = {
+            "weak_scaling_efficiency_large_batch": eff(f"{two}_large", f"{one}_large"),
+            "same_global_batch_efficiency": eff(two, one),
+            "max_loss_gap_fsdp2_vs_single": gap(two, one),
+            "reload_max_abs_gap": results[two].get("reload_max_abs_gap"),
+            "tokens_per_s": {
+                n: results[n]["tokens_per_s"] for n in (one, two, f"{one}_large", f"{two}_large")
+            },
+            "state_gb_per_rank": {n: results[n]["mem_per_rank"]["total_gb"] for n in (one, two)},
+            "peak_allocated_gb": {
+                n: results[n]["mem_per_rank"]["peak_allocated_gb"]
+                for n in (one, two, f"{one}_large", f"{two}_large")
+            },
+        }
+    details["definition"] = (
+        "engine (core.engine.build_trainer, Lightning ModelParallelStrategy) weak scaling: tokens/s"
+        " of fsdp2 on 2 GPUs / (2 x tokens/s on 1 GPU), both at large_batch sequences per GPU;"
+        " same_global_batch_efficiency: 2 GPUs at batch per rank vs 1 GPU taking both ranks' rows"
+    )
+    value = details["engine_bf16"]["weak_scaling_efficiency_large_batch"]
+    if getattr(args, "return_results", False):
+        return value, details
+    if tiny:
+        print(json.dumps({"engine weak scaling (cpu smoke)": value, **details}, default=str)[:3000])
+    else:
+        record("scale", "ddp2_engine_weak_scaling_efficiency", value, details)
+    return None
 
 
 def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> tuple[float, dict] | None:

@@ -394,6 +394,11 @@ def main() -> None:
     dd.add_argument(
         "--fp8-compile", action="store_true", help="also FSDP2 + FP8 (torchao) + compile"
     )
+    dd.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="only the engine (Lightning FSDP2) runs, plus its weak scaling at --large-batch",
+    )
     one = sub.add_parser("fsdp2-1gpu", help="FSDP2 (+FP8, compile) vs unsharded on one GPU")
     one.add_argument("--d-model", type=int, default=1024)
     one.add_argument("--layers", type=int, default=8)

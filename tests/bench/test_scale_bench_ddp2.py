@@ -74,3 +74,57 @@ def test_fp8_emulated_under_fsdp2_matches_unsharded_and_reloads(clean_dist_env, 
     assert reload["checkpoint_vs_gathered"] < 1e-6
     # the sharded forward runs bf16 weights and emulated FP8 matmuls, the gathered copy fp32
     assert reload["gathered_vs_sharded"] < 0.05 * reload["logit_scale"]
+
+
+def test_ddp2_plan_keeps_the_full_plan_and_adds_engine_weak_scaling() -> None:
+    from bench.scale_bench import ddp2_plan
+
+    full = ddp2_plan(16, 64, (60, 20), fp8_compile=True)
+    names = [n for n, *_ in full]
+    assert names[:7] == [
+        "single_accum",
+        "ddp",
+        "fsdp2",
+        "single",
+        "single_large",
+        "ddp_large",
+        "fsdp2_large",
+    ]
+    assert names[7:] == [
+        "lightning_single",
+        "lightning_fsdp2",
+        "lightning_single_fp8",
+        "lightning_fsdp2_fp8",
+    ]
+    by_name = {n: (world, a) for n, _, world, a in full}
+    assert by_name["lightning_single"] == (1, {"batch": 32, "accum": 1, "steps": 60})
+    assert by_name["lightning_fsdp2_fp8"][1]["precision"] == "fp8"
+    engine = {n: (world, a) for n, _, world, a in ddp2_plan(16, 64, (60, 20), engine_only=True)}
+    assert set(engine) == {
+        "lightning_single",
+        "lightning_fsdp2",
+        "lightning_single_large",
+        "lightning_fsdp2_large",
+    }
+    # weak scaling: one GPU runs the same micro-batch as each rank
+    assert engine["lightning_single_large"] == (1, {"batch": 64, "accum": 1, "steps": 20})
+    assert engine["lightning_fsdp2_large"] == (2, {"batch": 64, "accum": 1, "steps": 20})
+
+
+@pytest.mark.slow
+def test_ddp2_engine_only_tiny_reports_engine_scaling(clean_dist_env, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    value, d = cmd_ddp2(argparse.Namespace(tiny=True, return_results=True, engine_only=True))
+
+    eng = d["engine_bf16"]
+    assert value == eng["weak_scaling_efficiency_large_batch"] > 0
+    tps = eng["tokens_per_s"]
+    assert value == pytest.approx(
+        tps["lightning_fsdp2_large"] / (2 * tps["lightning_single_large"])
+    )
+    assert eng["max_loss_gap_fsdp2_vs_single"] < 1e-5
+    assert eng["reload_max_abs_gap"]["checkpoint_vs_gathered"] < 1e-6
+    assert eng["state_gb_per_rank"]["lightning_fsdp2"] == pytest.approx(
+        eng["state_gb_per_rank"]["lightning_single"] / 2, rel=0.02
+    )
+    assert "single_accum" not in d["runs"] and "engine_fp8" not in d
