@@ -21,6 +21,10 @@ Writes ``bench/results/fraud.json`` via ``bench.common.record`` and prints a tab
                                 [--ulb-config ulb|ulb_ema|PATH.yaml]
                                 [--handbook-config handbook|PATH.yaml] [--refit]
 
+``--seeds 0 1 2 3 4 [--jobs 2]`` runs ``--only ulb`` / ``handbook`` once per seed and
+records ``<key>_seeds_mean`` (per-seed values, sd, paired backbone - LightGBM PR-AUC) beside
+the single-run keys.
+
 ``--refit`` sets ``refit_on_validation`` (see ``apps.fraud.config.FraudConfig``): step 1
 as above, then backbone and LightGBM retrained from scratch on train + validation rows for
 the chosen epoch / tree count, calibration and thresholds kept from step 1; the same run
@@ -63,7 +67,9 @@ def _cmd(argv: list[str] | None) -> str:
     return "python -m bench.fraud_bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> Any:
+def fit_protocol(name: str, args: argparse.Namespace, seed: int | None = None) -> tuple[Any, float]:
+    """``(FitOutput, seconds)`` of protocol ``name``'s config (``--ulb-config`` /
+    ``--handbook-config``, ``--epochs``, ``--refit``), with ``seed`` when given."""
     from apps.fraud.config import load_config
     from apps.fraud.training import fit
 
@@ -73,9 +79,15 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
         cfg.trainer.max_epochs = args.epochs
     if args.refit:
         cfg.refit_on_validation = True
+    if seed is not None:
+        cfg.seed = seed
     t0 = time.time()
     out = fit(cfg, device=None if args.device == "cpu" else args.device)
-    secs = time.time() - t0
+    return out, time.time() - t0
+
+
+def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> Any:
+    out, secs = fit_protocol(name, args)
     m = out.evaluation.metrics
     split = out.data.split
     details = {
@@ -97,6 +109,80 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
                 rows.append((where, m[got]))
     rows.append((f"{name}_seconds", secs))
     return out
+
+
+def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> dict[str, Any]:
+    """One seed of ``--seeds``: the metrics :data:`KEYS` names, and what the run chose
+    (picklable, for a worker process)."""
+    torch.set_num_threads(threads)
+    out, secs = fit_protocol(name, args, seed)
+    m = out.evaluation.metrics
+    return {
+        "seed": seed,
+        "metrics": {k: float(m[k]) for k in KEYS[name] if k in m},
+        "best_epoch": out.extra.get("best_epoch"),
+        "lightgbm_trees": out.baseline.best_iteration_ if out.baseline is not None else None,
+        "protocol": out.evaluation.protocol,
+        "test_frauds": int(out.data.y[out.data.split.test].sum()),
+        "seconds": round(secs),
+    }
+
+
+def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> dict[str, Any]:
+    """``--seeds``: the protocol once per seed (the backbone's initialisation, batch order and
+    negative sampling, and LightGBM's ``random_state``); records ``<key>_seeds_mean`` for
+    every key of :data:`KEYS`, with the per-seed values, sd and the paired backbone-minus-
+    LightGBM difference in the details. The single-run headline keys are left alone."""
+    import statistics
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    threads = max(1, args.threads // args.jobs)
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_seed_run, name, args, s, threads) for s in args.seeds]
+            runs = [f.result() for f in futures]
+    else:
+        runs = [_seed_run(name, args, s, threads) for s in args.seeds]
+    for r in runs:
+        print(
+            f"[{name}] seed {r['seed']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+            + f" | best epoch {r['best_epoch']}, {r['seconds']} s",
+            flush=True,
+        )
+    ap, lgb = "pr_auc", "baseline/pr_auc"
+    diff = [r["metrics"][ap] - r["metrics"][lgb] for r in runs if lgb in r["metrics"]]
+    details = {
+        "protocol": runs[0]["protocol"],
+        "command": cmd,
+        "seeds": list(args.seeds),
+        "test_frauds": runs[0]["test_frauds"],
+        "runs": runs,
+        "backbone_minus_lightgbm_pr_auc": {
+            "mean": statistics.fmean(diff) if diff else None,
+            "sd": statistics.stdev(diff) if len(diff) > 1 else None,
+            "backbone_wins": sum(d > 0 for d in diff),
+            "n_seeds": len(diff),
+        },
+    }
+    summary = {}
+    for metric, key in KEYS[name].items():
+        vals = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
+        if not vals:
+            continue
+        sd = statistics.stdev(vals) if len(vals) > 1 else None
+        summary[f"{key}_seeds_mean"] = statistics.fmean(vals)
+        record(
+            "fraud",
+            f"{key}_seeds_mean",
+            statistics.fmean(vals),
+            {**details, "sd": sd, "per_seed": vals},
+        )
+        rows.append((f"{key}_seeds_mean", statistics.fmean(vals)))
+        if sd is not None:
+            rows.append((f"{key}_seeds_sd", sd))
+    return summary
 
 
 def refit_keys(metric: str, key: str, refit: bool) -> list[tuple[str, str]]:
@@ -264,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also retrain backbone and LightGBM on train+validation for the chosen epoch / "
         "tree count (refit_on_validation); records <key>_refit beside the usual keys",
     )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run ulb / handbook once per seed and record <key>_seeds_mean (mean, sd, per seed)",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="--seeds runs at once (processes)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for scoring")
     ap.add_argument("--rows", type=int, default=1 << 21, help="rows per GPU throughput call")
     ap.add_argument(
@@ -273,7 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _cmd(argv)
     todo = args.only or ["ulb", "handbook", "throughput"]
     rows: list = []
-    if args.synthetic or (args.device == "cuda" and todo == ["throughput"]):
+    if args.seeds:
+        if "throughput" in todo or args.refit or args.synthetic:
+            ap.error(
+                "--seeds runs the ulb / handbook protocols only (--only ulb|handbook), no --refit"
+            )
+        for name in todo:
+            run_seeds(name, args, cmd, rows)
+    elif args.synthetic or (args.device == "cuda" and todo == ["throughput"]):
         throughput_synthetic(cmd, rows, args.rows, args.device)
     else:
         torch.set_num_threads(args.threads)
