@@ -121,6 +121,7 @@ def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> d
         "seed": seed,
         "metrics": {k: float(m[k]) for k in KEYS[name] if k in m},
         "best_epoch": out.extra.get("best_epoch"),
+        "best_val_ap": out.extra.get("best_val_ap"),  # what chose the epoch; validation only
         "lightgbm_trees": out.baseline.best_iteration_ if out.baseline is not None else None,
         "protocol": out.evaluation.protocol,
         "test_frauds": int(out.data.y[out.data.split.test].sum()),
@@ -148,15 +149,17 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> dict
         print(
             f"[{name}] seed {r['seed']}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
-            + f" | best epoch {r['best_epoch']}, {r['seconds']} s",
+            + f" | best epoch {r['best_epoch']} (validation AP {r['best_val_ap']}), {r['seconds']} s",
             flush=True,
         )
     ap, lgb = "pr_auc", "baseline/pr_auc"
     diff = [r["metrics"][ap] - r["metrics"][lgb] for r in runs if lgb in r["metrics"]]
+    val_ap = [r["best_val_ap"] for r in runs if r["best_val_ap"] is not None]
     details = {
         "protocol": runs[0]["protocol"],
         "command": cmd,
         "seeds": list(args.seeds),
+        "mean_best_val_ap": statistics.fmean(val_ap) if val_ap else None,
         "test_frauds": runs[0]["test_frauds"],
         "runs": runs,
         "backbone_minus_lightgbm_pr_auc": {
