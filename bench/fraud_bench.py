@@ -129,7 +129,7 @@ def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> d
     }
 
 
-def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> dict[str, Any]:
+def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None:
     """``--seeds``: the protocol once per seed (the backbone's initialisation, batch order and
     negative sampling, and LightGBM's ``random_state``); records ``<key>_seeds_mean`` for
     every key of :data:`KEYS`, with the per-seed values, sd and the paired backbone-minus-
@@ -169,23 +169,15 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> dict
             "n_seeds": len(diff),
         },
     }
-    summary = {}
     for metric, key in KEYS[name].items():
         vals = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
         if not vals:
             continue
-        sd = statistics.stdev(vals) if len(vals) > 1 else None
-        summary[f"{key}_seeds_mean"] = statistics.fmean(vals)
-        record(
-            "fraud",
-            f"{key}_seeds_mean",
-            statistics.fmean(vals),
-            {**details, "sd": sd, "per_seed": vals},
-        )
-        rows.append((f"{key}_seeds_mean", statistics.fmean(vals)))
+        mean, sd = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+        record("fraud", f"{key}_seeds_mean", mean, {**details, "sd": sd, "per_seed": vals})
+        rows.append((f"{key}_seeds_mean", mean))
         if sd is not None:
             rows.append((f"{key}_seeds_sd", sd))
-    return summary
 
 
 def refit_keys(metric: str, key: str, refit: bool) -> list[tuple[str, str]]:

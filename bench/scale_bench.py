@@ -1968,18 +1968,16 @@ def _engine_only_result(
     details: dict[str, Any] = {"settings": settings, "runs": results}
     for tag in tags:
         one, two = f"lightning_single{tag}", f"lightning_fsdp2{tag}"
+        every = (one, two, f"{one}_large", f"{two}_large")
         details[f"engine{tag or '_bf16'}"] = {
             "weak_scaling_efficiency_large_batch": eff(f"{two}_large", f"{one}_large"),
             "same_global_batch_efficiency": eff(two, one),
             "max_loss_gap_fsdp2_vs_single": gap(two, one),
             "reload_max_abs_gap": results[two].get("reload_max_abs_gap"),
-            "tokens_per_s": {
-                n: results[n]["tokens_per_s"] for n in (one, two, f"{one}_large", f"{two}_large")
-            },
+            "tokens_per_s": {n: results[n]["tokens_per_s"] for n in every},
             "state_gb_per_rank": {n: results[n]["mem_per_rank"]["total_gb"] for n in (one, two)},
             "peak_allocated_gb": {
-                n: results[n]["mem_per_rank"]["peak_allocated_gb"]
-                for n in (one, two, f"{one}_large", f"{two}_large")
+                n: results[n]["mem_per_rank"]["peak_allocated_gb"] for n in every
             },
         }
     details["definition"] = (
