@@ -25,6 +25,11 @@ Writes ``bench/results/fraud.json`` via ``bench.common.record`` and prints a tab
 records ``<key>_seeds_mean`` (per-seed values, sd, paired backbone - LightGBM PR-AUC) beside
 the single-run keys.
 
+``--select CANDIDATES.yaml [--folds N]`` runs prequential model selection
+(``apps.fraud.selection``) for ``--only ulb`` / ``handbook``: every candidate recipe on the
+protocol's earlier folds, never the test split; records ``<name>_prequential_selection``
+(value: the winner's mean fold metric; details: every candidate's per-fold figures).
+
 ``--refit`` sets ``refit_on_validation`` (see ``apps.fraud.config.FraudConfig``): step 1
 as above, then backbone and LightGBM retrained from scratch on train + validation rows for
 the chosen epoch / tree count, calibration and thresholds kept from step 1; the same run
@@ -178,6 +183,52 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None
         rows.append((f"{key}_seeds_mean", mean))
         if sd is not None:
             rows.append((f"{key}_seeds_sd", sd))
+
+
+def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None:
+    """``--select``: prequential selection among the candidates file's recipes on the
+    ``name`` protocol's folds (``--jobs`` fits at once); records the summary."""
+    from apps.fraud.config import load_config
+    from apps.fraud.selection import select
+    from core.configio import load_candidates
+
+    override = {"ulb": args.ulb_config, "handbook": args.handbook_config}.get(name)
+    cfg = load_config(override or name)
+    grid = load_candidates(args.select)
+    folds = args.folds or grid["folds"] or 3
+    metric = grid["metric"] or "pr_auc"
+    threads = max(1, args.threads // args.jobs)
+    t0 = time.time()
+    sel = select(
+        cfg,
+        grid["candidates"],
+        n_folds=folds,
+        metric=metric,
+        jobs=args.jobs,
+        threads=threads,
+        progress=lambda msg: print(f"[{name}] {msg}", flush=True),
+    )
+    print(f"[{name}] {sel.protocol}")
+    for s in sel.summary:
+        per = " / ".join(f"{v:.4f}" for v in s["per_fold"])
+        print(
+            f"[{name}] {s['candidate']:28s} mean {metric} {s[f'mean_{metric}']:.4f} "
+            f"(sd {s[f'sd_{metric}']:.4f}; folds {per}; won {s['folds_won']})"
+        )
+    print(f"[{name}] selected: {sel.best}")
+    best = next(s for s in sel.summary if s["candidate"] == sel.best)
+    details = {
+        "protocol": sel.protocol,
+        "command": cmd,
+        "metric": metric,
+        "selected": sel.best,
+        "summary": sel.summary,
+        "runs": sel.rows,
+        "seconds": round(time.time() - t0),
+    }
+    key = f"{name}_prequential_selection"
+    record("fraud", key, best[f"mean_{metric}"], details)
+    rows.append((key, best[f"mean_{metric}"]))
 
 
 def refit_keys(metric: str, key: str, refit: bool) -> list[tuple[str, str]]:
@@ -352,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run ulb / handbook once per seed and record <key>_seeds_mean (mean, sd, per seed)",
     )
-    ap.add_argument("--jobs", type=int, default=1, help="--seeds runs at once (processes)")
+    ap.add_argument(
+        "--select",
+        default=None,
+        metavar="CANDIDATES.yaml",
+        help="prequential model selection among these recipes (apps.fraud.selection)",
+    )
+    ap.add_argument("--folds", type=int, default=None, help="--select folds (default: file's, 3)")
+    ap.add_argument("--jobs", type=int, default=1, help="--seeds / --select runs at once")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for scoring")
     ap.add_argument("--rows", type=int, default=1 << 21, help="rows per GPU throughput call")
     ap.add_argument(
@@ -362,7 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _cmd(argv)
     todo = args.only or ["ulb", "handbook", "throughput"]
     rows: list = []
-    if args.seeds:
+    if args.select:
+        if "throughput" in todo or args.seeds or args.refit or args.synthetic:
+            ap.error("--select runs the ulb / handbook protocols only (--only ulb|handbook)")
+        for name in todo:
+            run_selection(name, args, cmd, rows)
+    elif args.seeds:
         if "throughput" in todo or args.refit or args.synthetic:
             ap.error(
                 "--seeds runs the ulb / handbook protocols only (--only ulb|handbook), no --refit"

@@ -239,6 +239,7 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
             teacher.steps_per_epoch = 4
         teacher.model.d_model, teacher.model.ffn_hidden = 32, 64
         teacher.model.moe.expert_hidden = 32
+        teacher.pretrain_epochs = min(teacher.pretrain_epochs, 1)  # the path, not the budget
     else:
         if not ensemble:
             # the FD001 recipe is d_model 32 since session 3, only 1.4x the d32 student's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +56,29 @@ class YamlConfig:
             Path(path).write_text(text)
         return text
 
+    def with_overrides(self: T, overrides: Mapping[str, Any]) -> T:
+        """A copy with dotted-key overrides (``{"model.dropout": 0.3, "optim.lr": 3e-4}``),
+        rebuilt through ``from_dict`` so nested dataclasses and their checks run again. A
+        key that names no field raises ``KeyError`` naming the key and where it looked,
+        rather than adding a field nothing reads (a misspelt override must not pass as a
+        recipe that was tried)."""
+        data = self.to_dict()  # type: ignore[attr-defined]
+        for key, value in overrides.items():
+            *parents, leaf = str(key).split(".")
+            node = data
+            for i, part in enumerate(parents):
+                child = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(child, dict):
+                    raise KeyError(
+                        f"override {key!r}: {'.'.join(parents[: i + 1])!r} is not a config section"
+                    )
+                node = child
+            if leaf not in node:
+                where = ".".join(parents) or "the top level"
+                raise KeyError(f"override {key!r}: no field {leaf!r} in {where}")
+            node[leaf] = value
+        return type(self).from_dict(data)  # type: ignore[attr-defined]
+
     @classmethod
     def from_yaml(cls: type[T], path: str | Path) -> T:
         p = Path(path)
@@ -74,3 +98,41 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def load_candidates(path: str | Path) -> dict[str, Any]:
+    """A model-selection grid file: ``candidates`` (name -> dotted-key overrides, in file
+    order; ``{}`` is the base config itself) plus optional ``metric`` and ``folds``.
+
+    ```yaml
+    metric: pr_auc
+    folds: 3
+    candidates:
+      shipped: {}
+      dropout0.3: {model.dropout: 0.3, optim.weight_decay: 0.1}
+    ```
+    Raises ``ValueError`` naming the file and the bad entry.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"candidates file {p} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("candidates"), dict):
+        raise ValueError(f"{p}: expected a mapping with a 'candidates' mapping (name -> overrides)")
+    unknown = set(data) - {"candidates", "metric", "folds"}
+    if unknown:
+        raise ValueError(f"{p}: unknown top-level key(s) {sorted(unknown)}")
+    cands = data["candidates"]
+    if not cands:
+        raise ValueError(f"{p}: 'candidates' is empty")
+    for name, over in cands.items():
+        if over is None:
+            cands[name] = {}
+        elif not isinstance(over, dict):
+            raise ValueError(
+                f"{p}: candidate {name!r}: expected a mapping of overrides, got {over!r}"
+            )
+    folds = data.get("folds")
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool) or folds < 1):
+        raise ValueError(f"{p}: folds must be an integer >= 1, got {folds!r}")
+    return {"candidates": cands, "metric": data.get("metric"), "folds": folds}

@@ -37,7 +37,9 @@ class ProtocolConfig:
     ``handbook``: train ``[train_start, +train_days)`` whose last ``valid_days`` validate,
     then ``delay_days`` (labels unknown: unused), then ``test_days``; known-compromised
     cards are removed from test days. ``time_fraction`` (ULB): the first ``train_frac`` of
-    the time range trains (its last ``valid_frac`` validates), the rest tests.
+    the time range trains (its last ``valid_frac`` validates), the rest up to
+    ``test_end_frac`` of the range tests (1.0: to the end; prequential folds assess earlier
+    slices, see ``apps.fraud.selection``).
     ``card_precision_k``: the k of Card Precision@k per day (100 on the handbook set).
     """
 
@@ -49,6 +51,7 @@ class ProtocolConfig:
     test_days: int = 7
     train_frac: float = 0.7
     valid_frac: float = 0.2
+    test_end_frac: float = 1.0
     card_precision_k: int = 100
 
     def __post_init__(self) -> None:

@@ -224,12 +224,16 @@ def time_fraction_split(
     *,
     train_frac: float = 0.7,
     valid_frac: float = 0.2,
+    test_end_frac: float = 1.0,
 ) -> TimeSplit:
     """ULB protocol: times before ``t_min + train_frac * range`` train, the rest test; the last
-    ``valid_frac`` of the training time range is the validation slice (no delay block)."""
-    if not 0 < train_frac < 1 or not 0 <= valid_frac < 1:
+    ``valid_frac`` of the training time range is the validation slice (no delay block).
+    ``test_end_frac < 1`` ends the test part at ``t_min + test_end_frac * range`` (exclusive):
+    a prequential fold that assesses a slice before the real test part."""
+    if not 0 < train_frac < test_end_frac <= 1 or not 0 <= valid_frac < 1:
         raise FraudDataError(
-            f"need 0 < train_frac < 1 and 0 <= valid_frac < 1, got {train_frac}, {valid_frac}"
+            "need 0 < train_frac < test_end_frac <= 1 and 0 <= valid_frac < 1, got "
+            f"train_frac={train_frac}, test_end_frac={test_end_frac}, valid_frac={valid_frac}"
         )
     ts = _ts(frame)
     t_min, t_max = ts.min(), ts.max()
@@ -238,8 +242,13 @@ def time_fraction_split(
     t = ts.to_numpy()
     cut_np, vcut_np = np.datetime64(cut, "us"), np.datetime64(vcut, "us")
     train, valid, test = t < vcut_np, (t >= vcut_np) & (t < cut_np), t >= cut_np
+    end = t_max
+    if test_end_frac < 1:
+        end = t_min + (t_max - t_min) * test_end_frac
+        test &= t < np.datetime64(end, "us")
     if not train.any() or not test.any():
         raise FraudDataError(f"time split at {cut} leaves an empty train or test part")
+    tail = "the rest tests" if test_end_frac >= 1 else f"up to {test_end_frac:.0%} of it tests"
     return TimeSplit(
         train=_idx(train),
         valid=_idx(valid),
@@ -248,7 +257,7 @@ def time_fraction_split(
         removed=_EMPTY,
         protocol=(
             f"time split: first {train_frac:.0%} of the time range trains (its last "
-            f"{valid_frac:.0%} validates), the rest tests"
+            f"{valid_frac:.0%} validates), {tail}"
         ),
-        bounds={"train": (t_min, vcut), "valid": (vcut, cut), "test": (cut, t_max)},
+        bounds={"train": (t_min, vcut), "valid": (vcut, cut), "test": (cut, end)},
     )

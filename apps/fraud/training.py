@@ -89,7 +89,9 @@ def protocol_split(frame: pl.DataFrame, schema: FraudSchema, cfg: FraudConfig) -
             test_days=p.test_days,
             valid_days=p.valid_days,
         )
-    return time_fraction_split(frame, train_frac=p.train_frac, valid_frac=p.valid_frac)
+    return time_fraction_split(
+        frame, train_frac=p.train_frac, valid_frac=p.valid_frac, test_end_frac=p.test_end_frac
+    )
 
 
 def _fingerprint(frame: pl.DataFrame) -> str:
