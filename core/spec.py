@@ -55,6 +55,25 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SelectResult:
+    """A recipe chosen on validation folds (never the test data) by ``AppSpec.select``.
+
+    ``best``: the winning candidate's name; ``best_config``: the app config to train with;
+    ``summary``: one dict per candidate, in the order given, with ``candidate``,
+    ``overrides``, ``mean_<metric>``, ``sd_<metric>``, ``per_fold``; ``rows``: one dict per
+    (candidate, fold) fit; ``protocol``: how folds were built and what ranked them.
+    """
+
+    best: str
+    best_config: Any
+    metric: str
+    mode: str  # "max" or "min": which way ``metric`` is better
+    summary: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    protocol: str
+
+
 @dataclass(frozen=True)
 class AppSpec:
     """One app, as the pipelines see it.
@@ -70,6 +89,10 @@ class AppSpec:
     a :class:`core.distill.DistillConfig` (``None``: defaults), and evaluate it exactly as
     ``train`` does; returns a :class:`TrainResult`. Apps implement it in
     ``apps/<name>/distillation.py``.
+
+    ``select(config, candidates, n_folds=None, metric=None, jobs=1)`` (optional): run
+    every candidate (name -> dotted-key overrides of ``config``) on the app's validation
+    folds and return a :class:`SelectResult` (``keel <app> select``).
     """
 
     name: str
@@ -85,6 +108,7 @@ class AppSpec:
     demo_config: Callable[[], Any] | None = None
     summary_metrics: tuple[str, ...] = ()
     distill: Callable[..., TrainResult] | None = None
+    select: Callable[..., SelectResult] | None = None
 
 
 def load_app_spec(name: str) -> AppSpec:

@@ -5,6 +5,7 @@ keel <app> train    [--config cfg.yaml] [--margin M] [--no-promote]
 keel <app> evaluate [--model models:/keel-<app>@champion] [--config cfg.yaml]
 keel <app> score    --input PATH --output PATH [--model URI]
 keel <app> distill  [--teacher URI] [--config student.yaml] [--distill-config d.yaml]
+keel <app> select   --candidates grid.yaml [--config base.yaml] [--folds N] [--output best.yaml]
 keel score          --model URI --input PATH --output PATH [--engine spark --spark-master M]
 keel models list | show NAME | promote NAME VERSION | rollback NAME
 """
@@ -151,6 +152,97 @@ def _distill(spec: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_select_parser(asub: Any) -> None:
+    p = asub.add_parser(
+        "select",
+        help="choose among candidate recipes on the app's validation folds (never test data);"
+        " logs every fold to MLflow and writes the winner's config",
+    )
+    p.add_argument("--config", default=None, help="the base config YAML (default: the demo's)")
+    p.add_argument(
+        "--candidates",
+        required=True,
+        help="YAML: candidates (name -> dotted-key overrides), optional metric and folds",
+    )
+    p.add_argument("--folds", type=int, default=None, help="default: the file's, else the app's")
+    p.add_argument("--metric", default=None, help="default: the file's, else the app's")
+    p.add_argument("--jobs", type=int, default=1, help="fits at once (processes)")
+    p.add_argument("--output", default=None, help="write the winning config here (YAML)")
+
+
+def _select(spec: Any, args: argparse.Namespace) -> int:
+    """Candidates -> the app's fold protocol -> one MLflow run with every fold's figures,
+    the table, the winner's config as an artifact (and at ``--output``)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    from core.configio import load_candidates
+
+    if spec.select is None:
+        print(f"the {spec.name} app has no model selection (AppSpec.select)", file=sys.stderr)
+        return 2
+    grid = load_candidates(args.candidates)
+    cfg = _load_config(spec, args.config)
+    folds = args.folds or grid["folds"]
+    metric = args.metric or grid["metric"]
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    with tracking.start_run(
+        f"keel-{spec.name}",
+        config={**cfg_dict, "select": {"candidates": grid["candidates"], "folds": folds}},
+        run_name=f"{spec.name}-select",
+    ) as run:
+        result = spec.select(cfg, grid["candidates"], n_folds=folds, metric=metric, jobs=args.jobs)
+        m = result.metric
+        for i, s in enumerate(result.summary):
+            mlflow.log_metric(f"select/{i}/mean_{m}", s[f"mean_{m}"])
+            for f, v in enumerate(s["per_fold"]):
+                mlflow.log_metric(f"select/{i}/fold{f}_{m}", v)
+        names = {str(i): s["candidate"] for i, s in enumerate(result.summary)}
+        mlflow.set_tags(
+            {"keel.selected": result.best, "keel.select_protocol": result.protocol[:5000]}
+        )
+        mlflow.log_dict(names, "selection/candidate_index.json")
+        mlflow.log_dict({"summary": result.summary, "rows": result.rows}, "selection/result.json")
+        flat = [
+            {"candidate": r["candidate"], "fold": r["fold"], **r.get("metrics", {})}
+            for r in result.rows
+        ]
+        mlflow.log_table(pd.DataFrame(flat), "selection/folds.json")
+        best_dict = result.best_config.to_dict()
+        mlflow.log_dict(best_dict, "selection/best_config.yaml")
+        run_id = run.info.run_id
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# chosen by keel {spec.name} select (run {run_id}): {result.best}\n")
+            yaml.safe_dump(best_dict, fh, sort_keys=False)
+        os.replace(tmp, out)
+    print(f"protocol: {result.protocol}")
+    _print_table(
+        [
+            {
+                "candidate": s["candidate"],
+                f"mean_{m}": round(s[f"mean_{m}"], 4),
+                f"sd_{m}": round(s[f"sd_{m}"], 4),
+                "per_fold": " / ".join(f"{v:.4f}" for v in s["per_fold"]),
+            }
+            for s in result.summary
+        ]
+    )
+    print(
+        f"selected: {result.best}; run {run_id}"
+        + (f"; config -> {args.output}" if args.output else "")
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel", description="Keel: train, evaluate, register and score."
@@ -177,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = asub.add_parser("score", help="batch-score a file with a registered model")
         _add_score_args(s, model_required=False)
         _add_distill_parser(asub)
+        _add_select_parser(asub)
 
     s = sub.add_parser("score", help="batch-score a file with any registered model")
     _add_score_args(s, model_required=True)
@@ -302,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         return _score(args, default_model=f"models:/{model_name(spec.name)}@champion")
     if args.action == "distill":
         return _distill(spec, args)
+    if args.action == "select":
+        return _select(spec, args)
     return 2
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -95,19 +96,16 @@ def fold_configs(cfg: FraudConfig, n_folds: int = 3, assess_frac: float = 0.1) -
     if p.test_end_frac < 1:
         raise FraudConfigError("cfg is already a fold (protocol.test_end_frac < 1)")
     for i in range(n_folds):
-        end = p.train_frac - i * assess_frac
-        train = end - assess_frac
+        # rounded: 0.7 - 0.1 must read 0.6 in reports, not 0.6000000000000001
+        end = round(p.train_frac - i * assess_frac, 6)
+        train = round(end - assess_frac, 6)
         if train <= 0.05:
             raise FraudConfigError(
-                f"fold {i} would train on the first {train:.0%} of the time range only: "
-                f"use fewer folds or a smaller assess_frac ({n_folds} x {assess_frac})"
+                f"fold {i} would train on the first {max(train, 0):.0%} of the time range only:"
+                f" use fewer folds or a smaller assess_frac ({n_folds} x {assess_frac})"
             )
-        # round: 0.7 - 0.1 must compare equal to 0.6 in reports and stay < end exactly
-        fold_p = replace(p, train_frac=round(train, 6), test_end_frac=round(end, 6))
-        fold_cfg = replace(cfg, protocol=fold_p)
-        folds.append(
-            Fold(i, fold_cfg, f"time range {fold_p.train_frac:.0%}..{fold_p.test_end_frac:.0%}")
-        )
+        fold_cfg = replace(cfg, protocol=replace(p, train_frac=train, test_end_frac=end))
+        folds.append(Fold(i, fold_cfg, f"time range {train:.0%}..{end:.0%}"))
     return folds
 
 
@@ -224,6 +222,8 @@ def select(
                     "threads": threads,
                 }
             )
+    if jobs > 1 and threads is None:  # spawned workers would each take every core
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"prequential selection: {len(names)} candidates x {n_folds} folds = {len(payloads)} fits")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []

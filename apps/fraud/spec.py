@@ -20,7 +20,7 @@ from apps.fraud.config import FraudConfig, demo_config
 from apps.fraud.distillation import distill
 from apps.fraud.predictor import FraudPredictor, raw_input_columns
 from apps.fraud.training import evaluate_predictor, fit
-from core.spec import AppSpec, EvalResult, TrainResult
+from core.spec import AppSpec, EvalResult, SelectResult, TrainResult
 
 KNOWN_LIMITS = [
     "scores of a new file use per-card history from that file (and the configured history"
@@ -84,6 +84,31 @@ def evaluate(predictor: FraudPredictor, cfg: FraudConfig) -> EvalResult:
     return evaluate_predictor(predictor, cfg)
 
 
+def select(
+    cfg: FraudConfig,
+    candidates: dict[str, dict[str, Any]],
+    n_folds: int | None = None,
+    metric: str | None = None,
+    jobs: int = 1,
+) -> SelectResult:
+    """Prequential model selection (``apps.fraud.selection``): default 3 folds, ranked by
+    PR-AUC; the winner's config is ready for ``keel fraud train``."""
+    from apps.fraud.selection import select as prequential_select
+
+    sel = prequential_select(
+        cfg, candidates, n_folds=n_folds or 3, metric=metric or "pr_auc", jobs=jobs
+    )
+    return SelectResult(
+        best=sel.best,
+        best_config=sel.best_config,
+        metric=sel.metric,
+        mode="max",
+        summary=sel.summary,
+        rows=sel.rows,
+        protocol=sel.protocol,
+    )
+
+
 SPEC = AppSpec(
     name="fraud",
     description=(
@@ -99,6 +124,7 @@ SPEC = AppSpec(
     guard_metrics={"recall_at_alert_budget": ("max", 0.02), "roc_auc": ("max", 0.02)},
     demo_config=demo_config,
     distill=distill,
+    select=select,
     summary_metrics=(
         "pr_auc",
         "recall_at_precision_0.9",
