@@ -194,6 +194,8 @@ def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> 
 
     override = {"ulb": args.ulb_config, "handbook": args.handbook_config}.get(name)
     cfg = load_config(override or name)
+    if args.epochs:
+        cfg.trainer.max_epochs = args.epochs
     grid = load_candidates(args.select)
     folds = args.folds or grid["folds"] or 3
     metric = grid["metric"] or "pr_auc"

@@ -1,4 +1,4 @@
-"""``bench.fraud_bench --refit``: where the refit run's figures land in the results."""
+"""``bench.fraud_bench``: where ``--refit``, ``--seeds`` and ``--select`` runs land in the results."""
 
 from __future__ import annotations
 
@@ -44,3 +44,28 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
     assert paired["mean"] == statistics.fmean([a - b for a, b in zip(per_seed, lgb, strict=True)])
     assert paired["backbone_wins"] == sum(a > b for a, b in zip(per_seed, lgb, strict=True))
     assert "handbook_ap" not in res  # the single-run headline keys are left alone
+
+
+def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypatch):
+    """``--select``: real fits of each candidate on the demo protocol's prequential fold; the
+    recorded value is the winner's mean fold metric, and the winner has the best mean."""
+    import json
+
+    from bench.fraud_bench import main
+
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("metric: pr_auc\ncandidates:\n  a: {}\n  b: {optim.lr: 0.01}\n")
+    argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1", "--threads", "1"]
+    assert main([*argv, "--select", str(grid), "--folds", "1"]) == 0
+    res = json.loads((tmp_path / "fraud.json").read_text())
+    entry = res["handbook_prequential_selection"]
+    d = entry["details"]
+    means = {s["candidate"]: s["mean_pr_auc"] for s in d["summary"]}
+    assert set(means) == {"a", "b"} and means["a"] != means["b"]
+    assert d["selected"] == max(means, key=means.get)
+    assert entry["value"] == means[d["selected"]]
+    assert [(r["candidate"], r["fold"]) for r in d["runs"]] == [("a", 0), ("b", 0)]
+    assert all(s["per_fold"] == [means[s["candidate"]]] for s in d["summary"])
+    assert "no row of the test split's delay or test period is read" in d["protocol"]
+    assert set(res) == {"handbook_prequential_selection"}  # nothing else recorded
