@@ -39,6 +39,7 @@ import numpy as np
 
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudConfigError
+from core.spec import SelectResult
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +138,6 @@ def _fit_fold(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Selection:
-    """What :func:`select` chose and why. ``rows``: one per (candidate, fold); ``summary``:
-    one per candidate, in the order given (mean and sd of ``metric`` over folds, folds won);
-    ``best``: the winner's name; ``best_config``: its full config (the base config with
-    its overrides), ready to train on the real protocol."""
-
-    metric: str
-    rows: list[dict[str, Any]]
-    summary: list[dict[str, Any]]
-    best: str
-    best_config: FraudConfig
-    protocol: str
-
-
 def _summary(
     names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]], rows: list[dict], metric: str
 ) -> list[dict[str, Any]]:
@@ -185,7 +171,7 @@ def select(
     threads: int | None = None,
     baseline_once: bool = True,
     progress: Callable[[str], None] | None = None,
-) -> Selection:
+) -> SelectResult:
     """Run every candidate (dotted-key overrides of ``cfg``; ``{}`` is ``cfg`` itself) on
     the prequential folds of ``cfg``'s protocol; the highest mean ``metric`` over folds wins
     (ties: the candidate listed first, so list the shipped recipe first).
@@ -193,6 +179,8 @@ def select(
     ``baseline_once``: fit LightGBM on each fold with the first candidate only (it does not
     depend on the backbone's recipe; its fold figures show how hard each block is).
     ``jobs > 1`` runs fits in that many spawned processes with ``threads`` torch threads each.
+    Returns a :class:`core.spec.SelectResult`: ``summary`` has one dict per candidate (mean
+    and sd of ``metric`` over folds, the per-fold values, folds won), ``rows`` one per fit.
     """
     allowed = selection_metrics(cfg)
     if metric not in allowed:
@@ -256,11 +244,12 @@ def select(
         f"the mean assessment-block {metric} over folds; no row of the test split's delay or "
         "test period is read"
     )
-    return Selection(
-        metric,
-        rows,
-        summary,
-        best["candidate"],
-        cfg.with_overrides(candidates[best["candidate"]]),
-        protocol,
+    return SelectResult(
+        best=best["candidate"],
+        best_config=cfg.with_overrides(candidates[best["candidate"]]),
+        metric=metric,
+        mode="max",
+        summary=summary,
+        rows=rows,
+        protocol=protocol,
     )

@@ -95,17 +95,8 @@ def select(
     PR-AUC; the winner's config is ready for ``keel fraud train``."""
     from apps.fraud.selection import select as prequential_select
 
-    sel = prequential_select(
+    return prequential_select(
         cfg, candidates, n_folds=n_folds or 3, metric=metric or "pr_auc", jobs=jobs
-    )
-    return SelectResult(
-        best=sel.best,
-        best_config=sel.best_config,
-        metric=sel.metric,
-        mode="max",
-        summary=sel.summary,
-        rows=sel.rows,
-        protocol=sel.protocol,
     )
 
 
