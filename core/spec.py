@@ -68,7 +68,6 @@ class SelectResult:
     best: str
     best_config: Any
     metric: str
-    mode: str  # "max" or "min": which way ``metric`` is better
     summary: list[dict[str, Any]]
     rows: list[dict[str, Any]]
     protocol: str
@@ -90,9 +89,10 @@ class AppSpec:
     ``train`` does; returns a :class:`TrainResult`. Apps implement it in
     ``apps/<name>/distillation.py``.
 
-    ``select(config, candidates, n_folds=None, metric=None, jobs=1)`` (optional): run
-    every candidate (name -> dotted-key overrides of ``config``) on the app's validation
-    folds and return a :class:`SelectResult` (``keel <app> select``).
+    ``select(config, candidates, n_folds=None, metric=None, jobs=1, progress=None)``
+    (optional): run every candidate (name -> dotted-key overrides of ``config``) on the
+    app's validation folds, calling ``progress(message)`` as fits finish, and return a
+    :class:`SelectResult` (``keel <app> select``).
     """
 
     name: str

@@ -196,7 +196,14 @@ def _select(spec: Any, args: argparse.Namespace) -> int:
         config={**cfg_dict, "select": {"candidates": grid["candidates"], "folds": folds}},
         run_name=f"{spec.name}-select",
     ) as run:
-        result = spec.select(cfg, grid["candidates"], n_folds=folds, metric=metric, jobs=args.jobs)
+        result = spec.select(
+            cfg,
+            grid["candidates"],
+            n_folds=folds,
+            metric=metric,
+            jobs=args.jobs,
+            progress=lambda msg: print(msg, flush=True),  # fits take minutes each
+        )
         m = result.metric
         for i, s in enumerate(result.summary):
             mlflow.log_metric(f"select/{i}/mean_{m}", s[f"mean_{m}"])

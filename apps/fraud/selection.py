@@ -17,8 +17,9 @@ split's training ends, and the candidate with the best mean assessment metric wi
   to ``train_frac - i * assess_frac``.
 
 Every fold of every candidate uses the candidate's seed, so candidates meet on the same rows.
-No fold reads a row of the test split's delay or test period: :func:`fold_configs` checks
-each fold's assessment end against the test split's training end and raises otherwise.
+No fold reads a row of the test split's delay or test period: every fold :func:`fold_configs`
+builds ends by the test split's training end (handbook: checked against the first delay day;
+``time_fraction``: at or before ``train_frac``), as the tests check on real splits.
 Nothing here imports MLflow (``keel fraud select`` logs the result; see ``pipelines.cli``).
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from apps.fraud.config import FraudConfig
-from apps.fraud.errors import FraudConfigError
+from apps.fraud.errors import FraudConfigError, FraudDataError
 from core.spec import SelectResult
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def fold_configs(cfg: FraudConfig, n_folds: int = 3, assess_frac: float = 0.1) -
     p = cfg.protocol
     folds = []
     if p.kind == "handbook":
-        if isinstance(p.train_start, int) or isinstance(p.train_start, bool):
+        if isinstance(p.train_start, int):  # a day offset: folds need the calendar date
             raise FraudConfigError(
                 "prequential folds need protocol.train_start as a date (ISO string), got "
                 f"{p.train_start!r}"
@@ -143,6 +144,13 @@ def _summary(
 ) -> list[dict[str, Any]]:
     folds = sorted({r["fold"] for r in rows})
     value = {(r["candidate"], r["fold"]): r["metrics"].get(metric, math.nan) for r in rows}
+    bad = [k for k, v in value.items() if not math.isfinite(v)]
+    if bad:  # NaN would make the ranking arbitrary; say which fit has no figure
+        (n, f) = bad[0]
+        raise FraudDataError(
+            f"candidate {n!r}, fold {f}: no finite {metric} (does the assessed block hold "
+            "frauds?); use other folds"
+        )
     best_per_fold = {f: max(value[n, f] for n in names) for f in folds}
     out = []
     for n in names:
@@ -198,6 +206,8 @@ def select(
         if baseline_once and i > 0:
             c = replace(c, baseline=replace(c.baseline, enabled=False))
         configs[n] = c
+    if jobs > 1 and threads is None:  # spawned workers would each take every core
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     payloads = []
     for n in names:
         for fold in fold_configs(configs[n], n_folds, assess_frac):
@@ -210,8 +220,6 @@ def select(
                     "threads": threads,
                 }
             )
-    if jobs > 1 and threads is None:  # spawned workers would each take every core
-        threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"prequential selection: {len(names)} candidates x {n_folds} folds = {len(payloads)} fits")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -248,7 +256,6 @@ def select(
         best=best["candidate"],
         best_config=cfg.with_overrides(candidates[best["candidate"]]),
         metric=metric,
-        mode="max",
         summary=summary,
         rows=rows,
         protocol=protocol,

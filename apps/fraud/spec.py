@@ -10,6 +10,7 @@ older) predictor on the same test block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,19 @@ def select(
     n_folds: int | None = None,
     metric: str | None = None,
     jobs: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> SelectResult:
     """Prequential model selection (``apps.fraud.selection``): default 3 folds, ranked by
     PR-AUC; the winner's config is ready for ``keel fraud train``."""
     from apps.fraud.selection import select as prequential_select
 
     return prequential_select(
-        cfg, candidates, n_folds=n_folds or 3, metric=metric or "pr_auc", jobs=jobs
+        cfg,
+        candidates,
+        n_folds=n_folds or 3,
+        metric=metric or "pr_auc",
+        jobs=jobs,
+        progress=progress,
     )
 
 

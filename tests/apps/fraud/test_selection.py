@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from apps.fraud.config import FraudConfig, demo_config, load_config
-from apps.fraud.errors import FraudConfigError
+from apps.fraud.errors import FraudConfigError, FraudDataError
 from apps.fraud.schema import TS
 from apps.fraud.selection import _summary, fold_configs, select
 from apps.fraud.splits import time_fraction_split
@@ -141,6 +141,9 @@ def test_summary_means_sds_and_folds_won():
     assert s[0]["mean_pr_auc"] == pytest.approx(0.7) and s[1]["mean_pr_auc"] == pytest.approx(0.65)
     assert s[0]["sd_pr_auc"] == pytest.approx(np.std([0.5, 0.9], ddof=1))
     assert [x["folds_won"] for x in s] == [1, 1] and s[1]["overrides"] == {"x": 1}
+    rows[3]["metrics"]["pr_auc"] = float("nan")  # e.g. an assessed block without frauds
+    with pytest.raises(FraudDataError, match="candidate 'b', fold 1: no finite pr_auc"):
+        _summary(["a", "b"], {"a": {}, "b": {}}, rows, "pr_auc")
 
 
 def test_select_rejects_bad_metric_and_candidates():
@@ -175,6 +178,7 @@ def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys):
     assert main([*argv, "--candidates", str(grid), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "prequential model selection on synthetic: 2 folds" in printed
+    assert "[1/4] shipped fold" in printed and "[4/4] wide_lr fold" in printed  # progress
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["keel-fraud"], output_format="list")
