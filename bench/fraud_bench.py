@@ -72,16 +72,24 @@ def _cmd(argv: list[str] | None) -> str:
     return "python -m bench.fraud_bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def fit_protocol(name: str, args: argparse.Namespace, seed: int | None = None) -> tuple[Any, float]:
-    """``(FitOutput, seconds)`` of protocol ``name``'s config (``--ulb-config`` /
-    ``--handbook-config``, ``--epochs``, ``--refit``), with ``seed`` when given."""
+def protocol_config(name: str, args: argparse.Namespace) -> Any:
+    """Protocol ``name``'s config: ``--ulb-config`` / ``--handbook-config`` (default the
+    shipped file), with ``--epochs`` applied."""
     from apps.fraud.config import load_config
-    from apps.fraud.training import fit
 
     override = {"ulb": args.ulb_config, "handbook": args.handbook_config}.get(name)
     cfg = load_config(override or name)
     if args.epochs:
         cfg.trainer.max_epochs = args.epochs
+    return cfg
+
+
+def fit_protocol(name: str, args: argparse.Namespace, seed: int | None = None) -> tuple[Any, float]:
+    """``(FitOutput, seconds)`` of protocol ``name``'s config (``--ulb-config`` /
+    ``--handbook-config``, ``--epochs``, ``--refit``), with ``seed`` when given."""
+    from apps.fraud.training import fit
+
+    cfg = protocol_config(name, args)
     if args.refit:
         cfg.refit_on_validation = True
     if seed is not None:
@@ -188,14 +196,10 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None
 def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None:
     """``--select``: prequential selection among the candidates file's recipes on the
     ``name`` protocol's folds (``--jobs`` fits at once); records the summary."""
-    from apps.fraud.config import load_config
     from apps.fraud.selection import select
     from core.configio import load_candidates
 
-    override = {"ulb": args.ulb_config, "handbook": args.handbook_config}.get(name)
-    cfg = load_config(override or name)
-    if args.epochs:
-        cfg.trainer.max_epochs = args.epochs
+    cfg = protocol_config(name, args)
     grid = load_candidates(args.select)
     folds = args.folds or grid["folds"] or 3
     metric = grid["metric"] or "pr_auc"

@@ -72,7 +72,7 @@ def run_one(subset: str, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
     if opts["data_dir"]:
         cfg.data.data_dir = opts["data_dir"]
     for item in opts["overrides"]:
-        apply_override(cfg, item)
+        cfg = apply_override(cfg, item)
     t0 = time.perf_counter()
     out = fit(cfg, device=opts["device"])
     t_fit = time.perf_counter() - t0
@@ -107,21 +107,19 @@ def run_one(subset: str, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def apply_override(cfg: Any, item: str) -> None:
-    """``--set a.b=value``: set a (nested) config field; the value is parsed as YAML
-    (``window=50``, ``age_feature=false``, ``model.d_model=128``, ``alarm.ks=[3,5,8]``)."""
+def apply_override(cfg: Any, item: str) -> Any:
+    """``--set a.b=value``: ``cfg`` with a (nested) config field set, through
+    ``YamlConfig.with_overrides`` (the config's own checks run again); the value is parsed as
+    YAML (``window=50``, ``age_feature=false``, ``model.d_model=128``, ``alarm.ks=[3,5,8]``)."""
     import yaml
 
     key, sep, raw = item.partition("=")
     if not sep:
         raise SystemExit(f"--set {item!r}: expected key=value")
-    *parents, leaf = key.strip().split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p)
-    if not hasattr(obj, leaf):
-        raise SystemExit(f"--set {item!r}: no config field {key!r}")
-    setattr(obj, leaf, yaml.safe_load(raw))
+    try:
+        return cfg.with_overrides({key.strip(): yaml.safe_load(raw)})
+    except KeyError as err:
+        raise SystemExit(f"--set {item!r}: {err.args[0]}") from None
 
 
 def _sd(v: list[float]) -> float:

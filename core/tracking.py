@@ -135,6 +135,12 @@ def fingerprint_frame(frame: Any) -> str:
     return h.hexdigest()
 
 
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """An app config as the plain mapping :func:`start_run` records (``to_dict`` for the
+    YAML configs, the fields otherwise)."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict to dotted keys, for MLflow params."""
     out: dict[str, Any] = {}

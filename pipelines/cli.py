@@ -127,7 +127,7 @@ def _distill(spec: Any, args: argparse.Namespace) -> int:
     )
     teacher = mlflow.pyfunc.load_model(teacher_uri).unwrap_python_model().predictor
     cfg = _load_config(spec, args.config)
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    cfg_dict = tracking.config_dict(cfg)
     if launched_as_secondary_rank():  # see pipelines.lifecycle.train_register_promote
         hook(cfg, teacher, run=None, distill_cfg=dcfg)
         return 0
@@ -190,7 +190,7 @@ def _select(spec: Any, args: argparse.Namespace) -> int:
     cfg = _load_config(spec, args.config)
     folds = args.folds or grid["folds"]
     metric = args.metric or grid["metric"]
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    cfg_dict = tracking.config_dict(cfg)
     with tracking.start_run(
         f"keel-{spec.name}",
         config={**cfg_dict, "select": {"candidates": grid["candidates"], "folds": folds}},

@@ -152,7 +152,7 @@ def train_register_promote(
             ["secondary rank: trained its share; rank 0 logs and registers"],
         )
     tracking.configure(tracking_uri)
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    cfg_dict = tracking.config_dict(cfg)
     with tracking.start_run(
         f"keel-{spec.name}", config=cfg_dict, run_name=run_name or f"{spec.name}-train"
     ) as run:

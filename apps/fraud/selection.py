@@ -209,8 +209,9 @@ def select(
     if jobs > 1 and threads is None:  # spawned workers would each take every core
         threads = max(1, (os.cpu_count() or 1) // jobs)
     payloads = []
+    folds_of = {n: fold_configs(configs[n], n_folds, assess_frac) for n in names}
     for n in names:
-        for fold in fold_configs(configs[n], n_folds, assess_frac):
+        for fold in folds_of[n]:
             payloads.append(
                 {
                     "candidate": n,
@@ -243,10 +244,9 @@ def select(
     rows.sort(key=lambda r: (names.index(r["candidate"]), r["fold"]))
     summary = _summary(names, candidates, rows, metric)
     best = max(summary, key=lambda s: (s[f"mean_{metric}"], -names.index(s["candidate"])))
-    first = fold_configs(configs[names[0]], n_folds, assess_frac)
     protocol = (
         f"prequential model selection on {cfg.schema}: {n_folds} folds ("
-        + "; ".join(f.assesses for f in first)
+        + "; ".join(f.assesses for f in folds_of[names[0]])
         + f"), each the full training protocol ({cfg.protocol.kind}) with the fold's own "
         "validation block for best epoch, calibration and threshold; candidates ranked by "
         f"the mean assessment-block {metric} over folds; no row of the test split's delay or "

@@ -95,7 +95,7 @@ def test_time_fraction_split_test_end_and_bad_fractions():
         part.test, full.test[: len(part.test)]
     )
     assert "up to 85% of it tests" in part.protocol and "the rest tests" in full.protocol
-    with pytest.raises(Exception, match="train_frac < test_end_frac"):
+    with pytest.raises(FraudDataError, match="train_frac < test_end_frac"):
         time_fraction_split(frame, train_frac=0.7, test_end_frac=0.7)
 
 
