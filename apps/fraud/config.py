@@ -70,8 +70,10 @@ class HeadConfig:
     kept); calibration on the full validation block restores true probabilities.
     ``calibration``: ``platt`` (logistic on the logit; monotone, keeps the ranking and so
     PR-AUC), ``isotonic`` (may tie scores) or ``none``. ``n_reasons``: features listed per alert.
-    ``numeric_encoding``: ``linear`` tokens or ``periodic`` (+ learned sin/cos embeddings,
-    ``n_frequencies`` per feature, init scale ``frequency_scale``; see ``model.PeriodicNumeric``).
+    ``numeric_encoding``: ``linear`` tokens, ``periodic`` (+ learned sin/cos embeddings,
+    ``n_frequencies`` per feature, init scale ``frequency_scale``; see ``model.PeriodicNumeric``)
+    or ``piecewise`` (+ piecewise-linear codes over ``n_bins`` quantile bins of the training
+    rows; see ``model.PiecewiseLinearNumeric``).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
     ``weight_average``: one model with averaged weights (``training.AveragedWeights``):
@@ -92,6 +94,7 @@ class HeadConfig:
     numeric_encoding: str = "linear"
     n_frequencies: int = 16
     frequency_scale: float = 0.5
+    n_bins: int = 16
     select_best: str | None = None
     weight_average: str | None = None
     ema_decay: float = 0.998
@@ -108,10 +111,13 @@ class HeadConfig:
             raise FraudConfigError(
                 f"head.average_start_epoch must be >= 0, got {self.average_start_epoch}"
             )
-        if self.numeric_encoding not in ("linear", "periodic"):
+        if self.numeric_encoding not in ("linear", "periodic", "piecewise"):
             raise FraudConfigError(
-                f"head.numeric_encoding must be 'linear' or 'periodic', got {self.numeric_encoding!r}"
+                "head.numeric_encoding must be 'linear', 'periodic' or 'piecewise', "
+                f"got {self.numeric_encoding!r}"
             )
+        if self.n_bins < 2:
+            raise FraudConfigError(f"head.n_bins must be >= 2, got {self.n_bins}")
         if self.select_best not in (None, "val/ap"):
             raise FraudConfigError(
                 f"head.select_best must be null or 'val/ap', got {self.select_best!r}"

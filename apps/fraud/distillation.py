@@ -55,9 +55,12 @@ def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillCo
     return dataclasses.replace(d, kind="binary") if d.kind == "auto" else d
 
 
-def build_student(cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float) -> FraudModel:
-    """The student of ``cfg`` over the teacher's inputs (same tokens, own backbone size)."""
-    return build_model(cfg, teacher.inputs, pos_weight)
+def build_student(
+    cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float, train_x_num: np.ndarray
+) -> FraudModel:
+    """The student of ``cfg`` over the teacher's inputs (same tokens, own backbone size);
+    ``train_x_num``: the student's training rows' scaled numeric features."""
+    return build_model(cfg, teacher.inputs, pos_weight, train_x_num)
 
 
 @dataclasses.dataclass
@@ -111,7 +114,7 @@ def distill_fit_predictor(
     trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)
     if device is not None:
         trainer_cfg = dataclasses.replace(trainer_cfg, accelerator=device)
-    student = build_student(cfg, teacher, pos_weight)
+    student = build_student(cfg, teacher, pos_weight, train["x_num"])
     average = averaged_weights(cfg)
     callbacks: list[Any] = [average] if average else []
     keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None

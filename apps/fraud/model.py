@@ -56,6 +56,7 @@ class FraudModel(TaskModule):
         numeric_encoding: str = "linear",
         n_frequencies: int = 16,
         frequency_scale: float = 0.5,
+        n_bins: int = 16,
     ) -> None:
         if numeric_encoding not in NUMERIC_ENCODINGS:
             raise ValueError(
@@ -75,12 +76,18 @@ class FraudModel(TaskModule):
             numeric_encoding=numeric_encoding,
             n_frequencies=n_frequencies,
             frequency_scale=frequency_scale,
+            n_bins=n_bins,
         )
         d = self.backbone_config.d_model
         self.tokenizer = FeatureTokenizer(n_numeric, list(cat_cardinalities), d, cls_token=True)
         self.periodic = (
             PeriodicNumeric(n_numeric, d, n_frequencies, frequency_scale)
             if numeric_encoding == "periodic" and n_numeric
+            else None
+        )
+        self.piecewise = (
+            PiecewiseLinearNumeric(n_numeric, d, n_bins)
+            if numeric_encoding == "piecewise" and n_numeric
             else None
         )
         self.history_len = history_len if n_hist_features else 0
@@ -97,11 +104,20 @@ class FraudModel(TaskModule):
     def feature_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         x_cat = batch["x_cat"] if self.tokenizer.cat_cardinalities else None
         tok_BTD = self.tokenizer(batch["x_num"], x_cat)
-        if self.periodic is None:
+        extra = self.periodic or self.piecewise
+        if extra is None:
             return tok_BTD
         n = self.tokenizer.n_numeric
-        per_BND = self.periodic(batch["x_num"])
-        return torch.cat([tok_BTD[:, :1], tok_BTD[:, 1 : 1 + n] + per_BND, tok_BTD[:, 1 + n :]], 1)
+        add_BND = extra(batch["x_num"])
+        return torch.cat([tok_BTD[:, :1], tok_BTD[:, 1 : 1 + n] + add_BND, tok_BTD[:, 1 + n :]], 1)
+
+    def fit_numeric_encoding(self, x_num_NF: np.ndarray) -> FraudModel:
+        """Fit what the numeric encoding learns from data before training: the bin edges
+        of ``piecewise`` (quantiles of the TRAINING rows' scaled features). A no-op for
+        ``linear`` and ``periodic``. Returns self."""
+        if self.piecewise is not None:
+            self.piecewise.fit_edges(x_num_NF)
+        return self
 
     def history_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         if not self.history_len:
@@ -188,7 +204,7 @@ class FraudModel(TaskModule):
         return logit_B.detach(), contrib.detach()
 
 
-NUMERIC_ENCODINGS = ("linear", "periodic")
+NUMERIC_ENCODINGS = ("linear", "periodic", "piecewise")
 
 
 def average_precision_np(y: np.ndarray, s: np.ndarray) -> float:
@@ -249,6 +265,68 @@ class PeriodicNumeric(nn.Module):
         feat_BNK = torch.cat([torch.sin(ang_BNK), torch.cos(ang_BNK)], -1)
         out_BND = torch.einsum("bnk,nkd->bnd", feat_BNK, self.weight_NKD) + self.bias_ND
         return torch.relu(out_BND)
+
+
+class PiecewiseLinearNumeric(nn.Module):
+    """Piecewise-linear numeric embeddings ("PLE-Q-LR", Gorishniy et al., NeurIPS 2022):
+    feature j is cut at quantile edges ``b_0 < .. < b_K`` of the training rows and encoded
+    as K numbers, bin t being 1 above it, 0 below it and the position inside it, so
+    ``relu(W_j e_j + b_j)`` can place a step anywhere a tree would split. A linear token
+    (``x W_j``) is one direction and periodic features are smooth; fraud rules are
+    thresholds (an amount above a limit, a terminal's recent fraud count above zero),
+    which this encoding represents with one weight. The outer bins are open-ended so
+    values beyond the training range keep their slope. Edges are a buffer: they travel in
+    the state dict, fitted once by :meth:`fit_edges` on training data (no test rows).
+    Repeated quantiles (a binary or mostly-constant feature) give zero-width bins, which
+    act as a step at that value.
+    """
+
+    def __init__(self, n_features: int, d_model: int, n_bins: int) -> None:
+        super().__init__()
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        self.n_bins = n_bins
+        # Placeholder edges (standard-normal range) until fit_edges: scaled features are
+        # standardised, so an unfitted model is still sensible.
+        edges = torch.linspace(-3.0, 3.0, n_bins + 1).expand(n_features, -1).contiguous()
+        self.register_buffer("edges_NE", edges)
+        self.weight_NKD = nn.Parameter(torch.randn(n_features, n_bins, d_model) * n_bins**-0.5)
+        self.bias_ND = nn.Parameter(torch.zeros(n_features, d_model))
+
+    @torch.no_grad()
+    def fit_edges(self, x_NF: np.ndarray) -> None:
+        x = np.asarray(x_NF, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.edges_NE.shape[0]:
+            raise ValueError(
+                f"fit_edges expects (rows, {self.edges_NE.shape[0]}) features, got {x.shape}"
+            )
+        if len(x) == 0:
+            raise ValueError("fit_edges needs at least one training row")
+        q = np.linspace(0.0, 1.0, self.n_bins + 1)
+        edges = np.nanquantile(np.nan_to_num(x), q, axis=0).T  # (F, K+1), non-decreasing
+        self.edges_NE.copy_(torch.as_tensor(edges, dtype=self.edges_NE.dtype))
+
+    def encode(self, x_BN: Tensor) -> Tensor:
+        """(B, N) -> (B, N, K) piecewise-linear codes."""
+        x_BN1 = torch.nan_to_num(x_BN.float()).unsqueeze(-1)
+        lo_NK, hi_NK = self.edges_NE[:, :-1], self.edges_NE[:, 1:]
+        width_NK = hi_NK - lo_NK
+        # Zero-width bins are steps: 1 at or above the edge, else 0.
+        safe_NK = torch.where(width_NK > 0, width_NK, torch.ones_like(width_NK))
+        frac_BNK = torch.where(
+            width_NK > 0, (x_BN1 - lo_NK) / safe_NK, (x_BN1 >= lo_NK).to(x_BN1.dtype)
+        )
+        k = self.n_bins
+        # Inner bins clip to [0, 1]; the first is open below and the last open above.
+        lower = torch.zeros(k, device=x_BN.device)
+        upper = torch.ones(k, device=x_BN.device)
+        lower[0], upper[-1] = -torch.inf, torch.inf
+        return torch.maximum(torch.minimum(frac_BNK, upper), lower)
+
+    def forward(self, x_BN: Tensor) -> Tensor:
+        code_BNK = self.encode(x_BN)
+        out_BND = torch.einsum("bnk,nkd->bnd", code_BNK, self.weight_NKD.to(code_BNK.dtype))
+        return torch.relu(out_BND + self.bias_ND)
 
 
 # ============================================================================ data

@@ -243,9 +243,13 @@ def ranking_metrics(
     return {k: m[k] for k in keys}
 
 
-def build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudModel:
-    """The fraud model of ``cfg`` over the inputs ``ib`` builds (also a distilled student's)."""
-    return FraudModel(
+def build_model(
+    cfg: FraudConfig, ib: InputBuilder, pos_weight: float, train_x_num: np.ndarray
+) -> FraudModel:
+    """The fraud model of ``cfg`` over the inputs ``ib`` builds (also a distilled student's);
+    ``train_x_num`` (its training rows' scaled numeric features) fits what the numeric
+    encoding learns before training (``piecewise`` bin edges)."""
+    model = FraudModel(
         cfg.model,
         cfg.optim,
         n_numeric=len(ib.feature_columns.numeric),
@@ -259,7 +263,9 @@ def build_model(cfg: FraudConfig, ib: InputBuilder, pos_weight: float) -> FraudM
         numeric_encoding=cfg.head.numeric_encoding,
         n_frequencies=cfg.head.n_frequencies,
         frequency_scale=cfg.head.frequency_scale,
+        n_bins=cfg.head.n_bins,
     )
+    return model.fit_numeric_encoding(train_x_num)
 
 
 class KeepBestWeights(L.Callback):
@@ -448,7 +454,7 @@ def refit_backbone(
     average = averaged_weights(cfg)
     trainer = build_trainer(trainer_cfg, [average] if average else [], logger=False)
     cfg_refit = replace(cfg, optim=replace(cfg.optim, max_steps=horizon))
-    model = build_model(cfg_refit, ib, pos_weight)
+    model = build_model(cfg_refit, ib, pos_weight, train["x_num"])
     trainer.fit(model, train_dataloaders=loader(train, bs, shuffle=True, seed=cfg.seed))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model
@@ -503,7 +509,7 @@ def fit(
     callbacks: list[L.Callback] = [average] if average else []
     callbacks += [keep_best] if keep_best else []  # after the average: it keeps averaged weights
     trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
-    model = build_model(cfg, ib, pos_weight)
+    model = build_model(cfg, ib, pos_weight, train["x_num"])
     trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model

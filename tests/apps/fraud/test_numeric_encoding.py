@@ -1,0 +1,117 @@
+"""Piecewise-linear numeric tokens (``head.numeric_encoding: piecewise``, issue #3): codes on
+hand-computed edges, quantile edges from training rows only, steps for repeated quantiles,
+and edges that travel with the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apps.fraud.config import FraudConfigError, HeadConfig
+from apps.fraud.model import FraudModel, PiecewiseLinearNumeric
+from core.config import small_backbone
+
+
+def _one_feature(edges: list[float]) -> PiecewiseLinearNumeric:
+    ple = PiecewiseLinearNumeric(1, 4, len(edges) - 1)
+    ple.edges_NE.copy_(torch.tensor([edges]))
+    return ple
+
+
+def test_codes_on_hand_computed_edges() -> None:
+    ple = _one_feature([0.0, 1.0, 2.0, 4.0])
+    x = torch.tensor([[-1.0], [0.5], [1.5], [3.0], [6.0], [float("nan")]])
+    codes = ple.encode(x)[:, 0]
+    expected = torch.tensor(
+        [
+            [-1.0, 0.0, 0.0],  # below the range: the first bin is open below
+            [0.5, 0.0, 0.0],
+            [1.0, 0.5, 0.0],
+            [1.0, 1.0, 0.5],
+            [1.0, 1.0, 2.0],  # above the range: the last bin is open above
+            [0.0, 0.0, 0.0],  # NaN is read as 0 (the training mean after scaling)
+        ]
+    )
+    torch.testing.assert_close(codes, expected)
+
+
+def test_repeated_quantiles_become_steps() -> None:
+    """A 0/1 feature has repeated quantile edges; its codes still tell 0 from 1."""
+    ple = PiecewiseLinearNumeric(1, 4, 4)
+    ple.fit_edges(np.array([[0.0]] * 8 + [[1.0]] * 2))
+    assert ple.edges_NE[0].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 1.0])
+    codes = ple.encode(torch.tensor([[0.0], [1.0]]))[:, 0]
+    assert torch.isfinite(codes).all()
+    # zero-width bins at 0 fire for both rows; the (0, 1] bin separates them
+    torch.testing.assert_close(codes[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    torch.testing.assert_close(codes[1], torch.tensor([1.0, 1.0, 1.0, 1.0]))
+
+
+def test_edges_are_training_quantiles_and_travel_in_the_state_dict() -> None:
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(500, 3)).astype(np.float32)
+    x_train[:, 1] = np.exp(x_train[:, 1])  # skewed: quantile edges are not evenly spaced
+    torch.manual_seed(0)
+    kw = dict(n_numeric=3, numeric_encoding="piecewise", n_bins=8)
+    model = FraudModel(small_backbone(d_model=16), **kw).fit_numeric_encoding(x_train)
+    want = np.quantile(x_train.astype(np.float64), np.linspace(0, 1, 9), axis=0).T
+    np.testing.assert_allclose(model.piecewise.edges_NE.numpy(), want, rtol=1e-6)
+
+    fresh = FraudModel(small_backbone(d_model=16), **kw)  # placeholder edges
+    assert not torch.equal(fresh.piecewise.edges_NE, model.piecewise.edges_NE)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.piecewise.edges_NE, model.piecewise.edges_NE)
+    batch = {"x_num": torch.from_numpy(x_train[:16])}
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh.feature_tokens(batch), model.feature_tokens(batch))
+
+
+def test_piecewise_tokens_learn_a_threshold_a_linear_token_cannot_separate() -> None:
+    """The point of the encoding: a rule ``|x| > 1.5`` (outside a band) is one direction
+    per bin for piecewise codes, while a single linear direction cannot express it."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 1)).astype(np.float32)
+    y = (np.abs(x[:, 0]) > 1.5).astype(np.float32)
+    ple = PiecewiseLinearNumeric(1, 8, 16)
+    ple.fit_edges(x)
+    codes = ple.encode(torch.from_numpy(x))[:, 0].numpy()
+
+    # least-squares fit on the codes vs on the raw value (both with an intercept)
+    def r2(feats: np.ndarray) -> float:
+        a = np.c_[feats, np.ones(len(feats))]
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        return 1 - np.mean((a @ coef - y) ** 2) / np.var(y)
+
+    assert r2(codes) > 0.8
+    assert r2(x) < 0.05
+
+
+def test_bad_piecewise_settings_are_rejected() -> None:
+    with pytest.raises(FraudConfigError, match="n_bins"):
+        HeadConfig(numeric_encoding="piecewise", n_bins=1)
+    with pytest.raises(FraudConfigError, match="piecewise"):
+        HeadConfig(numeric_encoding="quantile")
+    ple = PiecewiseLinearNumeric(2, 4, 4)
+    with pytest.raises(ValueError, match=r"\(rows, 2\)"):
+        ple.fit_edges(np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="at least one"):
+        ple.fit_edges(np.zeros((0, 2)))
+
+
+def test_fit_takes_the_edges_from_the_training_rows_only(tmp_path) -> None:
+    """``training.fit`` with piecewise tokens: the edges are the quantiles of the rows the
+    model trains on (never validation or test rows), and best-epoch selection still holds."""
+    from apps.fraud.training import training_rows
+    from tests.apps.fraud.fraud_model_helpers import fit_two_epochs_keeps_best_val_ap, tiny_config
+
+    cfg = tiny_config(tmp_path, numeric_encoding="piecewise", n_bins=8, select_best="val/ap")
+    out = fit_two_epochs_keeps_best_val_ap(cfg)
+    rows, _ = training_rows(out.data, cfg)
+    x_train = out.inputs.take(rows)["x_num"].astype(np.float64)
+    want = np.quantile(x_train, np.linspace(0, 1, 9), axis=0).T
+    edges = out.predictor.model.piecewise.edges_NE.numpy()
+    np.testing.assert_allclose(edges, want, rtol=1e-5, atol=1e-6)
+    x_all = out.inputs.x_num.astype(np.float64)
+    all_rows = np.quantile(x_all, np.linspace(0, 1, 9), axis=0).T
+    assert not np.allclose(edges, all_rows, atol=1e-3)
