@@ -72,8 +72,10 @@ class HeadConfig:
     PR-AUC), ``isotonic`` (may tie scores) or ``none``. ``n_reasons``: features listed per alert.
     ``numeric_encoding``: ``linear`` tokens, ``periodic`` (+ learned sin/cos embeddings,
     ``n_frequencies`` per feature, init scale ``frequency_scale``; see ``model.PeriodicNumeric``)
-    or ``piecewise`` (+ piecewise-linear codes over ``n_bins`` quantile bins of the training
-    rows; see ``model.PiecewiseLinearNumeric``).
+    or ``piecewise`` (+ piecewise-linear codes over ``n_bins`` bins of the training rows;
+    ``bin_edges``: ``quantile`` or ``tree``, the splits of a per-feature decision tree on the
+    training labels; ``bin_steps``: also a 0/1 "at or above the bin's upper edge" code per
+    bin, so a threshold rule is one input; see ``model.PiecewiseLinearNumeric``).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
     ``weight_average``: one model with averaged weights (``training.AveragedWeights``):
@@ -95,6 +97,8 @@ class HeadConfig:
     n_frequencies: int = 16
     frequency_scale: float = 0.5
     n_bins: int = 16
+    bin_edges: str = "quantile"
+    bin_steps: bool = False
     select_best: str | None = None
     weight_average: str | None = None
     ema_decay: float = 0.998
@@ -118,6 +122,10 @@ class HeadConfig:
             )
         if self.n_bins < 2:
             raise FraudConfigError(f"head.n_bins must be >= 2, got {self.n_bins}")
+        if self.bin_edges not in ("quantile", "tree"):
+            raise FraudConfigError(
+                f"head.bin_edges must be 'quantile' or 'tree', got {self.bin_edges!r}"
+            )
         if self.select_best not in (None, "val/ap"):
             raise FraudConfigError(
                 f"head.select_best must be null or 'val/ap', got {self.select_best!r}"

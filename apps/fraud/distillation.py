@@ -56,11 +56,11 @@ def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillCo
 
 
 def build_student(
-    cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float, train_x_num: np.ndarray
+    cfg: FraudConfig, teacher: FraudPredictor, pos_weight: float, train: dict[str, np.ndarray]
 ) -> FraudModel:
     """The student of ``cfg`` over the teacher's inputs (same tokens, own backbone size);
-    ``train_x_num``: the student's training rows' scaled numeric features."""
-    return build_model(cfg, teacher.inputs, pos_weight, train_x_num)
+    ``train``: the student's training rows' arrays (``x_num``, ``y``)."""
+    return build_model(cfg, teacher.inputs, pos_weight, train)
 
 
 @dataclasses.dataclass
@@ -114,7 +114,7 @@ def distill_fit_predictor(
     trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)
     if device is not None:
         trainer_cfg = dataclasses.replace(trainer_cfg, accelerator=device)
-    student = build_student(cfg, teacher, pos_weight, train["x_num"])
+    student = build_student(cfg, teacher, pos_weight, train)
     average = averaged_weights(cfg)
     callbacks: list[Any] = [average] if average else []
     keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None

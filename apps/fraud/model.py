@@ -57,6 +57,7 @@ class FraudModel(TaskModule):
         n_frequencies: int = 16,
         frequency_scale: float = 0.5,
         n_bins: int = 16,
+        bin_steps: bool = False,
     ) -> None:
         if numeric_encoding not in NUMERIC_ENCODINGS:
             raise ValueError(
@@ -77,6 +78,7 @@ class FraudModel(TaskModule):
             n_frequencies=n_frequencies,
             frequency_scale=frequency_scale,
             n_bins=n_bins,
+            bin_steps=bin_steps,
         )
         d = self.backbone_config.d_model
         self.tokenizer = FeatureTokenizer(n_numeric, list(cat_cardinalities), d, cls_token=True)
@@ -86,7 +88,7 @@ class FraudModel(TaskModule):
             else None
         )
         self.piecewise = (
-            PiecewiseLinearNumeric(n_numeric, d, n_bins)
+            PiecewiseLinearNumeric(n_numeric, d, n_bins, bin_steps)
             if numeric_encoding == "piecewise" and n_numeric
             else None
         )
@@ -111,12 +113,15 @@ class FraudModel(TaskModule):
         add_BND = extra(batch["x_num"])
         return torch.cat([tok_BTD[:, :1], tok_BTD[:, 1 : 1 + n] + add_BND, tok_BTD[:, 1 + n :]], 1)
 
-    def fit_numeric_encoding(self, x_num_NF: np.ndarray) -> FraudModel:
+    def fit_numeric_encoding(
+        self, x_num_NF: np.ndarray, y_N: np.ndarray | None = None, bin_edges: str = "quantile"
+    ) -> FraudModel:
         """Fit what the numeric encoding learns from data before training: the bin edges
-        of ``piecewise`` (quantiles of the TRAINING rows' scaled features). A no-op for
+        of ``piecewise`` from the TRAINING rows' scaled features (``bin_edges='tree'`` also
+        reads their labels; see :meth:`PiecewiseLinearNumeric.fit_edges`). A no-op for
         ``linear`` and ``periodic``. Returns self."""
         if self.piecewise is not None:
-            self.piecewise.fit_edges(x_num_NF)
+            self.piecewise.fit_edges(x_num_NF, y_N, bin_edges)
         return self
 
     def history_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -281,33 +286,51 @@ class PiecewiseLinearNumeric(nn.Module):
     act as a step at that value.
     """
 
-    def __init__(self, n_features: int, d_model: int, n_bins: int) -> None:
+    def __init__(self, n_features: int, d_model: int, n_bins: int, steps: bool = False) -> None:
         super().__init__()
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        self.n_bins = n_bins
+        self.n_bins, self.steps = n_bins, steps
         # Placeholder edges (standard-normal range) until fit_edges: scaled features are
         # standardised, so an unfitted model is still sensible.
         edges = torch.linspace(-3.0, 3.0, n_bins + 1).expand(n_features, -1).contiguous()
         self.register_buffer("edges_NE", edges)
-        self.weight_NKD = nn.Parameter(torch.randn(n_features, n_bins, d_model) * n_bins**-0.5)
+        n_codes = 2 * n_bins if steps else n_bins
+        self.weight_NKD = nn.Parameter(torch.randn(n_features, n_codes, d_model) * n_codes**-0.5)
         self.bias_ND = nn.Parameter(torch.zeros(n_features, d_model))
 
     @torch.no_grad()
-    def fit_edges(self, x_NF: np.ndarray) -> None:
-        x = np.asarray(x_NF, np.float64)
-        if x.ndim != 2 or x.shape[1] != self.edges_NE.shape[0]:
-            raise ValueError(
-                f"fit_edges expects (rows, {self.edges_NE.shape[0]}) features, got {x.shape}"
-            )
+    def fit_edges(
+        self, x_NF: np.ndarray, y_N: np.ndarray | None = None, method: str = "quantile"
+    ) -> None:
+        """Edges from training rows. ``quantile``: evenly spaced quantiles (unsupervised).
+        ``tree``: the split points of a per-feature decision tree on the labels
+        (``max_leaf_nodes = n_bins``; "PLE-T" in the paper): quantile bins spend their
+        resolution where the data is dense, while fraud rules live in the tails (the
+        handbook's amount > 220 is beyond the 99.9th percentile, inside one quantile bin).
+        A feature with fewer useful splits repeats its top edge (zero-width steps there)."""
+        x = np.nan_to_num(np.asarray(x_NF, np.float64))
+        n_features = self.edges_NE.shape[0]
+        if x.ndim != 2 or x.shape[1] != n_features:
+            raise ValueError(f"fit_edges expects (rows, {n_features}) features, got {x.shape}")
         if len(x) == 0:
             raise ValueError("fit_edges needs at least one training row")
-        q = np.linspace(0.0, 1.0, self.n_bins + 1)
-        edges = np.nanquantile(np.nan_to_num(x), q, axis=0).T  # (F, K+1), non-decreasing
+        if method == "quantile":
+            edges = np.quantile(x, np.linspace(0.0, 1.0, self.n_bins + 1), axis=0).T
+        elif method == "tree":
+            if y_N is None or len(y_N) != len(x):
+                raise ValueError("tree bin edges need one label per training row")
+            edges = np.stack([tree_edges(x[:, j], y_N, self.n_bins) for j in range(n_features)])
+        else:
+            raise ValueError(f"bin edge method must be 'quantile' or 'tree', got {method!r}")
         self.edges_NE.copy_(torch.as_tensor(edges, dtype=self.edges_NE.dtype))
 
     def encode(self, x_BN: Tensor) -> Tensor:
-        """(B, N) -> (B, N, K) piecewise-linear codes."""
+        """(B, N) -> (B, N, K) piecewise-linear codes, then with ``steps`` K more: 1 where
+        x is at or above bin t's upper edge. The linear codes are continuous, so a rule
+        at an edge is only a change of slope there: a step out of them needs a weight of
+        1 / (bin width), huge for the tail bin above 220 (half the amount range). The
+        step codes make "above this edge" one unit-sized input."""
         x_BN1 = torch.nan_to_num(x_BN.float()).unsqueeze(-1)
         lo_NK, hi_NK = self.edges_NE[:, :-1], self.edges_NE[:, 1:]
         width_NK = hi_NK - lo_NK
@@ -321,12 +344,38 @@ class PiecewiseLinearNumeric(nn.Module):
         lower = torch.zeros(k, device=x_BN.device)
         upper = torch.ones(k, device=x_BN.device)
         lower[0], upper[-1] = -torch.inf, torch.inf
-        return torch.maximum(torch.minimum(frac_BNK, upper), lower)
+        code_BNK = torch.maximum(torch.minimum(frac_BNK, upper), lower)
+        if not self.steps:
+            return code_BNK
+        return torch.cat([code_BNK, (x_BN1 >= hi_NK).to(code_BNK.dtype)], dim=-1)
 
     def forward(self, x_BN: Tensor) -> Tensor:
         code_BNK = self.encode(x_BN)
         out_BND = torch.einsum("bnk,nkd->bnd", code_BNK, self.weight_NKD.to(code_BNK.dtype))
         return torch.relu(out_BND + self.bias_ND)
+
+
+def tree_edges(
+    x_N: np.ndarray, y_N: np.ndarray, n_bins: int, min_leaf_frac: float = 1e-4
+) -> np.ndarray:
+    """``n_bins + 1`` non-decreasing edges of one feature: its minimum, the thresholds of a
+    best-first decision tree with ``n_bins`` leaves fitted on ``(x, y)``, its maximum, and
+    the maximum repeated when the tree finds fewer splits. Leaves keep at least
+    ``min_leaf_frac`` of the rows (and 1), so a split is never about a single row."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    lo, hi = float(x_N.min()), float(x_N.max())
+    splits = np.empty(0)
+    if hi > lo and len(np.unique(y_N)) > 1:
+        tree = DecisionTreeClassifier(
+            max_leaf_nodes=n_bins,
+            min_samples_leaf=max(1, int(min_leaf_frac * len(x_N))),
+            random_state=0,
+        ).fit(x_N.reshape(-1, 1), y_N)
+        t = tree.tree_
+        splits = np.unique(t.threshold[t.feature >= 0])
+    edges = np.concatenate([[lo], splits[(splits > lo) & (splits < hi)], [hi]])
+    return np.concatenate([edges, np.full(n_bins + 1 - len(edges), hi)])
 
 
 # ============================================================================ data

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -244,11 +245,11 @@ def ranking_metrics(
 
 
 def build_model(
-    cfg: FraudConfig, ib: InputBuilder, pos_weight: float, train_x_num: np.ndarray
+    cfg: FraudConfig, ib: InputBuilder, pos_weight: float, train: Mapping[str, np.ndarray]
 ) -> FraudModel:
     """The fraud model of ``cfg`` over the inputs ``ib`` builds (also a distilled student's);
-    ``train_x_num`` (its training rows' scaled numeric features) fits what the numeric
-    encoding learns before training (``piecewise`` bin edges)."""
+    ``train`` (its training rows' arrays: ``x_num``, ``y``) fits what the numeric encoding
+    learns before training (``piecewise`` bin edges; ``tree`` edges read the labels)."""
     model = FraudModel(
         cfg.model,
         cfg.optim,
@@ -264,8 +265,9 @@ def build_model(
         n_frequencies=cfg.head.n_frequencies,
         frequency_scale=cfg.head.frequency_scale,
         n_bins=cfg.head.n_bins,
+        bin_steps=cfg.head.bin_steps,
     )
-    return model.fit_numeric_encoding(train_x_num)
+    return model.fit_numeric_encoding(train["x_num"], train.get("y"), cfg.head.bin_edges)
 
 
 class KeepBestWeights(L.Callback):
@@ -454,7 +456,7 @@ def refit_backbone(
     average = averaged_weights(cfg)
     trainer = build_trainer(trainer_cfg, [average] if average else [], logger=False)
     cfg_refit = replace(cfg, optim=replace(cfg.optim, max_steps=horizon))
-    model = build_model(cfg_refit, ib, pos_weight, train["x_num"])
+    model = build_model(cfg_refit, ib, pos_weight, train)
     trainer.fit(model, train_dataloaders=loader(train, bs, shuffle=True, seed=cfg.seed))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model
@@ -509,7 +511,7 @@ def fit(
     callbacks: list[L.Callback] = [average] if average else []
     callbacks += [keep_best] if keep_best else []  # after the average: it keeps averaged weights
     trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
-    model = build_model(cfg, ib, pos_weight, train["x_num"])
+    model = build_model(cfg, ib, pos_weight, train)
     trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model

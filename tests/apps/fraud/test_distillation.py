@@ -48,7 +48,7 @@ def test_student_tracks_teacher_logits_and_is_evaluated(tiny_fraud_run) -> None:
     valid = out.inputs.take(out.data.split.valid)
     t_logits = predict_logits(teacher.model, valid)
     torch.manual_seed(scfg.seed)
-    init = build_student(scfg, teacher, 1.0, out.inputs.take(out.data.split.train)["x_num"])
+    init = build_student(scfg, teacher, 1.0, out.inputs.take(out.data.split.train))
     gap_init = float(np.sqrt(np.mean((predict_logits(init, valid) - t_logits) ** 2)))
     res = distill_fit_predictor(scfg, teacher, {"alpha": 1.0, "temperature": 2.0}, data=out.data)
     s_logits = predict_logits(res.predictor.model, valid)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apps.fraud.config import FraudConfigError, HeadConfig
-from apps.fraud.model import FraudModel, PiecewiseLinearNumeric
+from apps.fraud.model import FraudModel, PiecewiseLinearNumeric, tree_edges
 from core.config import small_backbone
 
 
@@ -87,6 +87,44 @@ def test_piecewise_tokens_learn_a_threshold_a_linear_token_cannot_separate() -> 
     assert r2(x) < 0.05
 
 
+def test_tree_edges_find_a_tail_threshold_that_quantile_edges_miss() -> None:
+    """The handbook's rule "amount > 220 is fraud" sits beyond the 99.9th percentile:
+    quantile edges put no edge near it, tree edges split exactly there."""
+    rng = np.random.default_rng(2)
+    amount = rng.gamma(2.0, 25.0, size=20_000)
+    y = (amount > 220).astype(int)
+    assert 0 < y.mean() < 0.002
+    edges = tree_edges(amount, y, 8)
+    assert len(edges) == 9 and (np.diff(edges) >= 0).all()
+    assert edges[0] == amount.min() and edges[-1] == amount.max()
+    below, above = amount[amount <= 220].max(), amount[amount > 220].min()
+    assert ((edges >= below) & (edges <= above)).any(), edges
+    quant = np.quantile(amount, np.linspace(0, 1, 9))
+    assert not ((quant >= below) & (quant <= above)).any()
+    # one split suffices here, so the top edge repeats (zero-width steps at the maximum)
+    assert (edges[-2:] == amount.max()).all()
+
+    # The linear codes only bend at the edge (a change of slope, 0.006 across the rule
+    # here); the step codes flip there, in exactly one code.
+    x = torch.tensor([[below], [above]], dtype=torch.float32)
+    smooth = PiecewiseLinearNumeric(1, 4, 8)
+    smooth.fit_edges(amount[:, None], y, method="tree")
+    assert (smooth.encode(x)[1, 0] - smooth.encode(x)[0, 0]).abs().max() < 0.05
+    ple = PiecewiseLinearNumeric(1, 4, 8, steps=True)
+    ple.fit_edges(amount[:, None], y, method="tree")
+    codes = ple.encode(x)[:, 0]
+    assert codes.shape == (2, 16)
+    torch.testing.assert_close(codes[:, :8], smooth.encode(x)[:, 0])
+    flips = (codes[1, 8:] - codes[0, 8:]).abs()
+    assert flips.sum() == 1.0 and flips.max() == 1.0
+
+
+def test_tree_edges_without_signal_fall_back_to_the_range() -> None:
+    x = np.arange(10.0)
+    assert tree_edges(x, np.zeros(10), 4).tolist() == [0, 9, 9, 9, 9]
+    assert tree_edges(np.ones(10), np.r_[np.zeros(5), np.ones(5)], 4).tolist() == [1] * 5
+
+
 def test_bad_piecewise_settings_are_rejected() -> None:
     with pytest.raises(FraudConfigError, match="n_bins"):
         HeadConfig(numeric_encoding="piecewise", n_bins=1)
@@ -97,6 +135,12 @@ def test_bad_piecewise_settings_are_rejected() -> None:
         ple.fit_edges(np.zeros((5, 3)))
     with pytest.raises(ValueError, match="at least one"):
         ple.fit_edges(np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="one label per training row"):
+        ple.fit_edges(np.zeros((5, 2)), method="tree")
+    with pytest.raises(ValueError, match="'quantile' or 'tree'"):
+        ple.fit_edges(np.zeros((5, 2)), method="kmeans")
+    with pytest.raises(FraudConfigError, match="bin_edges"):
+        HeadConfig(numeric_encoding="piecewise", bin_edges="kmeans")
 
 
 def test_fit_takes_the_edges_from_the_training_rows_only(tmp_path) -> None:
