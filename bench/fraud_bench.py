@@ -114,6 +114,9 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
     }
     if out.baseline is not None:
         details["lightgbm_trees"] = out.baseline.best_iteration_
+    by_kind = {k: v for k, v in m.items() if k.startswith(("pr_auc/", "baseline/pr_auc/"))}
+    if by_kind:  # AP of each kind of fraud (the simulator's answer key; never a feature)
+        details["test_pr_auc_by_kind"] = by_kind
     print(f"[{name}] test block: {details['test_rows']} rows, {details['test_frauds']} frauds")
     for metric, key in KEYS[name].items():
         for got, where in refit_keys(metric, key, args.refit):

@@ -69,6 +69,25 @@ def average_precision(y: ArrayLike, scores: ArrayLike) -> float:
 pr_auc = average_precision
 
 
+def average_precision_by_group(
+    y: ArrayLike, scores: ArrayLike, groups: ArrayLike
+) -> dict[str, float]:
+    """Average precision of each kind of fraud: the frauds of group ``g`` against every
+    legitimate row (other groups' frauds left out), keyed ``str(g)``. Says which fraud
+    pattern a model misses, e.g. by the simulator's ``TX_FRAUD_SCENARIO`` (an answer key
+    for analysis, never a feature). Groups of legitimate rows are ignored."""
+    y_arr, s_arr = label_score_arrays(y, scores)
+    g_arr = np.asarray(groups)
+    if len(g_arr) != len(y_arr):
+        raise FraudDataError(f"groups ({len(g_arr)}) and labels ({len(y_arr)}) differ in length")
+    legit = y_arr == 0
+    out = {}
+    for g in np.unique(g_arr[~legit]):
+        keep = legit | (g_arr == g)
+        out[str(g)] = average_precision(y_arr[keep], s_arr[keep])
+    return out
+
+
 def roc_auc(y: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (trapezoids over distinct thresholds, ties count half),
     as ``sklearn.metrics.roc_auc_score``. Reported with PR-AUC on the ULB protocol."""

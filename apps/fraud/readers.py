@@ -49,6 +49,11 @@ def _raw_scan(path: Path) -> pl.LazyFrame:
     raise FraudDataError(f"{path}: unsupported file type (expected .csv, .tsv, .parquet or .pq)")
 
 
+def file_columns(path: str | Path) -> list[str]:
+    """The column names of a transactions file, read from its header only."""
+    return _raw_scan(Path(path)).collect_schema().names()
+
+
 def _is_number(dtype: pl.DataType) -> bool:
     return dtype.is_numeric()
 

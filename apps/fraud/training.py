@@ -38,10 +38,14 @@ from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudDataError
 from apps.fraud.inputs import InputBuilder, ModelInputs, canonical_frame, history_feature_names
-from apps.fraud.metrics import card_precision_at_k_daily, fraud_metrics
+from apps.fraud.metrics import (
+    average_precision_by_group,
+    card_precision_at_k_daily,
+    fraud_metrics,
+)
 from apps.fraud.model import FraudModel, loader, predict_logits
 from apps.fraud.predictor import FraudPredictor, raw_input_columns
-from apps.fraud.readers import load_transactions
+from apps.fraud.readers import file_columns, load_transactions
 from apps.fraud.schema import TS, FraudSchema, load_schema
 from apps.fraud.splits import TimeSplit, time_fraction_split, train_delay_test_split
 from apps.fraud.thresholds import threshold_for_alert_budget, threshold_for_cost
@@ -64,6 +68,9 @@ class PreparedData:
     days: np.ndarray
     cards: np.ndarray | None
     fingerprint: str
+    # the schema's never_use_columns, same rows (e.g. TX_FRAUD_SCENARIO): for per-kind
+    # metrics only; the feature and model inputs are built from ``frame``, which lacks them
+    analysis: pl.DataFrame | None = None
 
 
 @dataclass
@@ -108,7 +115,9 @@ def load_data(cfg: FraudConfig) -> PreparedData:
     schema = load_schema(cfg.schema)
     path = schema.resolve_path(cfg.data_path)
     keep = [*raw_input_columns(schema), schema.label_column]
-    full = load_transactions(path, schema, columns=keep)
+    in_file = set(file_columns(path))
+    answer_keys = [c for c in schema.never_use_columns if c in in_file]
+    full = load_transactions(path, schema, columns=[*keep, *answer_keys])
     if cfg.protocol.kind == "handbook":
         split0 = protocol_split(full, schema, cfg)
         start, end = split0.bounds["train"][0], split0.bounds["test"][1]
@@ -121,7 +130,10 @@ def load_data(cfg: FraudConfig) -> PreparedData:
     y = frame.get_column(schema.label_column).to_numpy().astype(np.int64)
     days = frame.get_column(TS).dt.date().to_numpy()
     cards = frame.get_column(schema.card_column).to_numpy() if schema.card_column else None
-    return PreparedData(schema, frame, raw, split, y, days, cards, _fingerprint(frame))
+    present = [c for c in answer_keys if c in full.columns]
+    analysis = full.select(present) if present else None
+    fp = _fingerprint(frame)
+    return PreparedData(schema, frame, raw, split, y, days, cards, fp, analysis)
 
 
 def training_rows(
@@ -585,6 +597,28 @@ def fit(
     return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, extra, refit_rows)
 
 
+MAX_ANSWER_KEY_GROUPS = 20
+
+
+def metrics_by_answer_key(
+    data: PreparedData, rows: np.ndarray, scores: np.ndarray
+) -> dict[str, float]:
+    """``pr_auc/<column>_<value>``: average precision of each kind of fraud on ``rows``
+    (``metrics.average_precision_by_group``), for each of the schema's answer-key columns
+    (``never_use_columns``) with at most ``MAX_ANSWER_KEY_GROUPS`` values among frauds."""
+    out: dict[str, float] = {}
+    if data.analysis is None:
+        return out
+    y = data.y[rows]
+    for col in data.analysis.columns:
+        groups = data.analysis.get_column(col).to_numpy()[rows]
+        if y.sum() == 0 or len(np.unique(groups[y == 1])) > MAX_ANSWER_KEY_GROUPS:
+            continue
+        for g, ap in average_precision_by_group(y, scores, groups).items():
+            out[f"pr_auc/{col}_{g}"] = ap
+    return out
+
+
 def evaluate_inputs(
     cfg: FraudConfig,
     data: PreparedData,
@@ -598,7 +632,9 @@ def evaluate_inputs(
     test = data.split.test
     logits, scores = predictor.score_inputs(mi.take(test))
     metrics = score_metrics(cfg, data, test, scores, predictor.threshold)
-    metrics.update(ranking_metrics(data.y[test], logits, predictor.calibration))
+    ranking = ranking_metrics(data.y[test], logits, predictor.calibration)
+    metrics.update(ranking)
+    metrics.update(metrics_by_answer_key(data, test, logits if ranking else scores))
     tables: dict[str, Any] = {}
     if data.cards is not None:
         daily = card_precision_at_k_daily(
@@ -610,6 +646,8 @@ def evaluate_inputs(
     if base_scores is not None:
         bm = score_metrics(cfg, data, test, base_scores, base_threshold)
         metrics.update({f"baseline/{k}": v for k, v in bm.items() if k not in ("n", "fraud_rate")})
+        by_kind = metrics_by_answer_key(data, test, base_scores)
+        metrics.update({f"baseline/{k}": v for k, v in by_kind.items()})
         curves["lightgbm"] = base_scores
         thr["lightgbm"] = base_threshold
     figs = {}

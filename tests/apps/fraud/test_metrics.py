@@ -10,6 +10,7 @@ from apps.fraud.errors import FraudDataError
 from apps.fraud.metrics import (
     alerts_per_day,
     average_precision,
+    average_precision_by_group,
     card_precision_at_k,
     card_precision_at_k_daily,
     fraud_metrics,
@@ -135,3 +136,18 @@ def test_pr_curve_figure_saves_png(tmp_path):
     out = save_figure(fig, tmp_path / "plots" / "pr.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["pr.png"]  # no temp file left
+
+
+def test_average_precision_by_group_scores_each_kind_against_all_legit_rows():
+    # kind 1 frauds score top, kind 2 frauds sit below two legitimate rows
+    y = [1, 1, 0, 0, 1, 0, 1, 0]
+    s = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    g = [1, 1, 0, 0, 2, 0, 2, 0]
+    by = average_precision_by_group(y, s, g)
+    assert set(by) == {"1", "2"}  # legitimate rows' group (0) is not a kind of fraud
+    assert by["1"] == pytest.approx(1.0)
+    # kind 2 alone: ranks 3 and 5 among legit + kind 2 -> (1/3 + 2/5) / 2
+    assert by["2"] == pytest.approx((1 / 3 + 2 / 5) / 2)
+    assert by["2"] == pytest.approx(average_precision_score([0, 0, 1, 0, 1, 0], s[2:]))
+    with pytest.raises(FraudDataError, match="groups"):
+        average_precision_by_group(y, s, g[:-1])

@@ -20,6 +20,12 @@ def test_model_beats_chance_and_baseline_reported(tiny_fraud_run):
     assert m["pr_auc"] > 5 * base_rate
     assert m["roc_auc"] > 0.7
     assert "baseline/pr_auc" in m and m["baseline/pr_auc"] > 5 * base_rate
+    # per-kind AP from the answer key, which stays out of the features' frame
+    kinds = {k for k in m if k.startswith("pr_auc/TX_FRAUD_SCENARIO_")}
+    assert kinds and {f"baseline/{k}" for k in kinds} <= set(m)
+    assert all(0 < m[k] <= 1 for k in kinds)
+    assert "TX_FRAUD_SCENARIO" not in out.data.frame.columns
+    assert out.data.analysis is not None and out.data.analysis.height == out.data.frame.height
     assert "pr_curve" in out.evaluation.figures
     assert "Card Precision@10" in out.evaluation.protocol
     # the model really uses history tokens on a card-level schema
