@@ -273,17 +273,18 @@ class PeriodicNumeric(nn.Module):
 
 
 class PiecewiseLinearNumeric(nn.Module):
-    """Piecewise-linear numeric embeddings ("PLE-Q-LR", Gorishniy et al., NeurIPS 2022):
-    feature j is cut at quantile edges ``b_0 < .. < b_K`` of the training rows and encoded
-    as K numbers, bin t being 1 above it, 0 below it and the position inside it, so
-    ``relu(W_j e_j + b_j)`` can place a step anywhere a tree would split. A linear token
-    (``x W_j``) is one direction and periodic features are smooth; fraud rules are
-    thresholds (an amount above a limit, a terminal's recent fraud count above zero),
-    which this encoding represents with one weight. The outer bins are open-ended so
-    values beyond the training range keep their slope. Edges are a buffer: they travel in
-    the state dict, fitted once by :meth:`fit_edges` on training data (no test rows).
-    Repeated quantiles (a binary or mostly-constant feature) give zero-width bins, which
-    act as a step at that value.
+    """Piecewise-linear numeric embeddings ("PLE-LR", Gorishniy et al., NeurIPS 2022):
+    feature j is cut at edges ``b_0 <= .. <= b_K`` fitted on the training rows (quantiles,
+    or a per-feature decision tree's splits: :meth:`fit_edges`) and encoded as K numbers,
+    bin t being 1 above it, 0 below it and the position inside it; ``steps`` adds K 0/1
+    codes "at or above bin t's upper edge". The token adds ``relu(W_j e_j + b_j)``.
+    A linear token (``x W_j``) is one direction and periodic features are smooth; fraud
+    rules are thresholds (an amount above a limit, a terminal's recent fraud rate above
+    zero), which tree edges with step codes represent with one weight. The outer bins are
+    open-ended so values beyond the training range keep their slope. Edges are a buffer:
+    they travel in the state dict, fitted once on training data (no test rows). Repeated
+    edges (a binary or mostly-constant feature) give zero-width bins, which act as a step
+    at that value.
     """
 
     def __init__(self, n_features: int, d_model: int, n_bins: int, steps: bool = False) -> None:
