@@ -308,7 +308,7 @@ class PiecewiseLinearNumeric(nn.Module):
         ``tree``: the split points of a per-feature decision tree on the labels
         (``max_leaf_nodes = n_bins``; "PLE-T" in the paper): quantile bins spend their
         resolution where the data is dense, while fraud rules live in the tails (the
-        handbook's amount > 220 is beyond the 99.9th percentile, inside one quantile bin).
+        handbook's amounts above 220, under 0.1% of its rows, share one quantile bin).
         A feature with fewer useful splits repeats its top edge (zero-width steps there)."""
         x = np.nan_to_num(np.asarray(x_NF, np.float64))
         n_features = self.edges_NE.shape[0]
@@ -330,7 +330,7 @@ class PiecewiseLinearNumeric(nn.Module):
         """(B, N) -> (B, N, K) piecewise-linear codes, then with ``steps`` K more: 1 where
         x is at or above bin t's upper edge. The linear codes are continuous, so a rule
         at an edge is only a change of slope there: a step out of them needs a weight of
-        1 / (bin width), huge for the tail bin above 220 (half the amount range). The
+        1 / (bin width), huge for a wide tail bin such as the amounts above 220. The
         step codes make "above this edge" one unit-sized input."""
         x_BN1 = torch.nan_to_num(x_BN.float()).unsqueeze(-1)
         lo_NK, hi_NK = self.edges_NE[:, :-1], self.edges_NE[:, 1:]
