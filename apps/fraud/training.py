@@ -612,8 +612,8 @@ def metrics_by_answer_key(
     y = data.y[rows]
     for col in data.analysis.columns:
         groups = data.analysis.get_column(col).to_numpy()[rows]
-        if y.sum() == 0 or len(np.unique(groups[y == 1])) > MAX_ANSWER_KEY_GROUPS:
-            continue
+        if y.sum() in (0, len(y)) or len(np.unique(groups[y == 1])) > MAX_ANSWER_KEY_GROUPS:
+            continue  # AP needs both classes; a high-cardinality column is not a kind
         for g, ap in average_precision_by_group(y, scores, groups).items():
             out[f"pr_auc/{col}_{g}"] = ap
     return out
