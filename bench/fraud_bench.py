@@ -350,6 +350,7 @@ def throughput_synthetic(cmd: str, rows: list, n_rows: int, device: str = "cuda"
             frequency_scale=head.get("frequency_scale", 0.5),
             n_bins=head.get("n_bins", 16),
             bin_steps=head.get("bin_steps", False),
+            wide=head.get("wide", False),
         )
         .to(device)
         .eval()

@@ -76,6 +76,8 @@ class HeadConfig:
     ``bin_edges``: ``quantile`` or ``tree``, the splits of a per-feature decision tree on the
     training labels; ``bin_steps``: also a 0/1 "at or above the bin's upper edge" code per
     bin, so a threshold rule is one input; see ``model.PiecewiseLinearNumeric``).
+    ``wide``: also a logistic term straight on those codes, added to the logit (wide and
+    deep; ``model.WideLogit``; needs ``piecewise``).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
     ``weight_average``: one model with averaged weights (``training.AveragedWeights``):
@@ -99,6 +101,7 @@ class HeadConfig:
     n_bins: int = 16
     bin_edges: str = "quantile"
     bin_steps: bool = False
+    wide: bool = False
     select_best: str | None = None
     weight_average: str | None = None
     ema_decay: float = 0.998
@@ -118,6 +121,11 @@ class HeadConfig:
         if self.numeric_encoding not in ("linear", "periodic", "piecewise"):
             raise FraudConfigError(
                 "head.numeric_encoding must be 'linear', 'periodic' or 'piecewise', "
+                f"got {self.numeric_encoding!r}"
+            )
+        if self.wide and self.numeric_encoding != "piecewise":
+            raise FraudConfigError(
+                "head.wide reads the piecewise codes: it needs head.numeric_encoding 'piecewise', "
                 f"got {self.numeric_encoding!r}"
             )
         if self.n_bins < 2:

@@ -278,6 +278,7 @@ def build_model(
         frequency_scale=cfg.head.frequency_scale,
         n_bins=cfg.head.n_bins,
         bin_steps=cfg.head.bin_steps,
+        wide=cfg.head.wide,
     )
     return model.fit_numeric_encoding(train["x_num"], train.get("y"), cfg.head.bin_edges)
 
