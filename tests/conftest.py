@@ -11,6 +11,22 @@ _TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_U
 
 
 @pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """Put torch's intra-op thread count back after each test. Lightning's multi-process
+    strategies call ``torch.set_num_threads(cpus // processes)`` when ``OMP_NUM_THREADS`` is
+    unset (as ``clean_dist_env`` leaves it), and the setting outlives the test: measured
+    here, every later maintenance test then ran 10-20x slower on the shared 2-core machine
+    (one fixture fit 7.8 s -> 161 s), since tiny models with two threads stall whenever the
+    other core is busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _restore_mlflow_tracking() -> Iterator[None]:
     """Put the MLflow tracking URI (process-global, and mirrored into the environment by
     ``mlflow.set_tracking_uri``) back after each test, so a test that trains and registers
