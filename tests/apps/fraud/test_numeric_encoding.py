@@ -144,13 +144,17 @@ def test_bad_piecewise_settings_are_rejected() -> None:
 
 
 def test_fit_takes_the_edges_from_the_training_rows_only(tmp_path) -> None:
-    """``training.fit`` with piecewise tokens: the edges are the quantiles of the rows the
-    model trains on (never validation or test rows), and best-epoch selection still holds."""
+    """``training.fit`` with piecewise tokens and the wide logit: the edges are the quantiles
+    of the rows the model trains on (never validation or test rows), best-epoch selection
+    still holds, and the wide weights (zero at the start) train."""
     from apps.fraud.training import training_rows
     from tests.apps.fraud.fraud_model_helpers import fit_two_epochs_keeps_best_val_ap, tiny_config
 
-    cfg = tiny_config(tmp_path, numeric_encoding="piecewise", n_bins=8, select_best="val/ap")
+    cfg = tiny_config(
+        tmp_path, numeric_encoding="piecewise", n_bins=8, select_best="val/ap", wide=True
+    )
     out = fit_two_epochs_keeps_best_val_ap(cfg)
+    assert float(out.predictor.model.wide.weight_NK.abs().sum()) > 0
     rows, _ = training_rows(out.data, cfg)
     x_train = out.inputs.take(rows)["x_num"].astype(np.float64)
     want = np.quantile(x_train, np.linspace(0, 1, 9), axis=0).T
