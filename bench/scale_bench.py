@@ -1240,7 +1240,7 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
         t.detector.kind = "token"
         t.fp_reduction.enabled = True
     if not dense or args.medical_grid_mm == 3.0:
-        # the 3 mm grid (synthetic_bench moved the dense detector to 2 mm / 36^3)
+        # the 3 mm grid; otherwise synthetic_bench's own (1.5 mm / 36^3 crops since session 6)
         t.spacing_zyx = (3.0, 3.0, 3.0)
         t.detector.crop_zyx, t.detector.stride_zyx = (24, 24, 24), (16, 16, 16)
     t.seed = args.seed
@@ -2156,7 +2156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=2.0,
         choices=[2.0, 3.0],
-        help="dense: 2 (synthetic_bench, 36^3 crops) or 3 (24^3 crops, cheaper on a CPU)",
+        help="dense: 2 keeps synthetic_bench's own grid and 36^3 crops (1.5 mm since session 6; "
+        "the value is a legacy name) or 3 (3 mm, 24^3 crops, cheaper on a CPU)",
     )
     ap.add_argument("--medical-student-d", type=int, default=32)
     ap.add_argument(
