@@ -12,12 +12,13 @@ _TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_U
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads() -> Iterator[None]:
-    """Put torch's intra-op thread count back after each test. Lightning's multi-process
+    """Put torch's intra-op thread count back after each test. Lightning's distributed
     strategies call ``torch.set_num_threads(cpus // processes)`` when ``OMP_NUM_THREADS`` is
-    unset (as ``clean_dist_env`` leaves it), and the setting outlives the test: measured
-    here, every later maintenance test then ran 10-20x slower on the shared 2-core machine
-    (one fixture fit 7.8 s -> 161 s), since tiny models with two threads stall whenever the
-    other core is busy."""
+    unset (``lightning.fabric.utilities.distributed._set_num_threads_if_needed``; the
+    in-process FSDP2 tests unset it through ``clean_dist_env``), and the setting outlives the
+    test. Measured here with the other core busy: the maintenance fixture fit after the fraud
+    FSDP2 test took 262 s, against 9 s with this fixture, since tiny models on two threads
+    stall whenever the other core is taken."""
     import torch
 
     threads = torch.get_num_threads()
