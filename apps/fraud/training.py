@@ -130,8 +130,7 @@ def load_data(cfg: FraudConfig) -> PreparedData:
     y = frame.get_column(schema.label_column).to_numpy().astype(np.int64)
     days = frame.get_column(TS).dt.date().to_numpy()
     cards = frame.get_column(schema.card_column).to_numpy() if schema.card_column else None
-    present = [c for c in answer_keys if c in full.columns]
-    analysis = full.select(present) if present else None
+    analysis = full.select(answer_keys) if answer_keys else None  # requested, so loaded
     fp = _fingerprint(frame)
     return PreparedData(schema, frame, raw, split, y, days, cards, fp, analysis)
 
