@@ -138,7 +138,10 @@ class MaintenanceConfig(YamlConfig):
     readings up to that one only; 1 = off); it applies everywhere the model is read (alarm
     policy choice, lead time, the test protocol, scoring). ``input_smoothing``: causal per-unit
     denoising of the normalised sensors before windowing (:mod:`apps.maintenance.input_smoothing`;
-    stored with the normaliser, so scoring applies it too). ``ensemble_size``: that many models,
+    stored with the normaliser, so scoring applies it too). ``unit_baseline_readings``: when > 0,
+    each kept sensor also enters as its drift from the mean of the unit's first that many
+    readings (:mod:`apps.maintenance.unit_baseline`; causal, stored with the normaliser; 0 = off).
+    ``ensemble_size``: that many models,
     each from its own seed and with its own best epoch, averaged (:class:`RULEnsemble`; K times
     the training and scoring cost); the validation history reported is member 0's.
     """
@@ -157,6 +160,7 @@ class MaintenanceConfig(YamlConfig):
     age_scale: float = 100.0
     input_noise: float = 0.0
     input_smoothing: InputSmoothingConfig = field(default_factory=InputSmoothingConfig)
+    unit_baseline_readings: int = 0
     ensemble_size: int = 1
     val_max_rul: float | None = None
     rul_smoothing: int = 1
@@ -185,6 +189,10 @@ class MaintenanceConfig(YamlConfig):
             raise MaintenanceDataError(f"input_noise={self.input_noise}: expected >= 0")
         if self.val_max_rul is not None and self.val_max_rul <= 0:
             raise MaintenanceDataError(f"val_max_rul={self.val_max_rul}: expected > 0 or null")
+        if self.unit_baseline_readings < 0:
+            raise MaintenanceDataError(
+                f"unit_baseline_readings={self.unit_baseline_readings}: expected >= 0 (0 = off)"
+            )
         if self.ensemble_size < 1:
             raise MaintenanceDataError(f"ensemble_size={self.ensemble_size}: expected >= 1")
         if self.rul_smoothing < 1:

@@ -32,6 +32,7 @@ from apps.maintenance.input_smoothing import causal_smooth_inputs
 from apps.maintenance.model import RULEnsemble, RULModel, load_rul_model
 from apps.maintenance.preprocess import SensorNormalizer
 from apps.maintenance.schema import SensorSchema, validate_sensor_frame
+from apps.maintenance.unit_baseline import add_drift_channels, drift_names
 from apps.maintenance.windows import build_windows
 
 FORMAT_VERSION = 1
@@ -135,7 +136,9 @@ def apply_normalizer(
     the row's unit up to and including it, minus one, divided by ``state["age_scale"]`` (causal
     and observable when scoring: it only counts the readings given so far). When
     ``state["input_smoothing"]`` is set, the normalised kept sensors are then smoothed causally
-    within each unit (:func:`causal_smooth_inputs`)."""
+    within each unit (:func:`causal_smooth_inputs`). With ``state["unit_baseline_readings"]``,
+    each kept sensor's drift from the mean of its unit's first readings is added
+    (:func:`add_drift_channels`)."""
     n = len(frame)
     if state["method"] == "single":
         cond = np.zeros(n, dtype=np.int64)
@@ -161,6 +164,10 @@ def apply_normalizer(
     out[kept] = (frame[kept].to_numpy(np.float64) - mean[cond]) / scale[cond]
     if state.get("input_smoothing"):
         out = causal_smooth_inputs(out, kept, state["input_smoothing"], unit_column, time_column)
+    if state.get("unit_baseline_readings"):
+        out = add_drift_channels(
+            out, kept, int(state["unit_baseline_readings"]), unit_column, time_column
+        )
     out["condition"] = cond
     if state["condition_onehot"]:
         for c in range(state["n_conditions"]):
@@ -176,6 +183,8 @@ def apply_normalizer(
 
 def feature_names(state: dict[str, Any]) -> list[str]:
     names = list(state["kept_sensors"])
+    if state.get("unit_baseline_readings"):
+        names += drift_names(state["kept_sensors"])
     if state["condition_onehot"]:
         names += [f"condition_{c}" for c in range(state["n_conditions"])]
     if state.get("age_feature"):

@@ -324,6 +324,8 @@ def fit(
         state |= {"age_feature": True, "age_scale": float(cfg.age_scale)}
     if cfg.input_smoothing.kind != "none":
         state |= {"input_smoothing": cfg.input_smoothing.to_dict()}
+    if cfg.unit_baseline_readings:
+        state |= {"unit_baseline_readings": int(cfg.unit_baseline_readings)}
     w_train = split_windows(state, data.train, cfg.window, stride=cfg.train_stride)
     w_val = split_windows(state, data.policy, cfg.window)
     members, losses = [], []
