@@ -2,8 +2,8 @@
 
 C-MAPSS engines start "with different degrees of initial wear and manufacturing variation"
 (the dataset's readme), and it shows: on FD001's training units the spread of each sensor's
-mean over a unit's first 20 readings is 3-11x what measurement noise alone would give, and that
-baseline correlates with the unit's life (|r| 0.1-0.3). A model that sees only the last
+mean over a unit's first 20 readings is 2.8-10.7x what measurement noise alone would give, and
+that baseline correlates with the unit's life (|r| up to 0.3). A model that sees only the last
 ``window`` readings cannot tell a unit that started high from one that has drifted high, which
 is the mid-life case (true RUL 50-100) where most of the test error sits.
 
