@@ -10,7 +10,8 @@ is dropped silently. With ``rul_smoothing`` > 1 each reading's RUL is the causal
 last ``rul_smoothing`` window estimates, each moved forward by the time elapsed since
 (:func:`causal_smooth_rul`; only readings up to that reading are used). Give each asset's
 readings since its last maintenance: the model was trained on runs that start with reset health,
-and with ``unit_baseline_readings`` the first readings given are taken as the run's start.
+and with ``unit_baseline_readings`` the first readings given are taken as the run's start, and with
+``age_feature`` the number of readings given is the run's age.
 
 ``save`` writes only plain files: ``config.json`` (model hyperparameters, schema, normaliser
 statistics, alarm policy, RUL smoothing) and ``weights.pt`` (a ``state_dict``, loaded with
