@@ -10,27 +10,18 @@ import pytest
 from apps.maintenance.config import MaintenanceConfig
 from apps.maintenance.errors import MaintenanceDataError
 from apps.maintenance.input_smoothing import InputSmoothingConfig, causal_smooth_inputs
-from apps.maintenance.predictor import MaintenancePredictor
-from apps.maintenance.training import input_example, split_windows
-from tests.apps.maintenance.conftest import tiny_config
+from apps.maintenance.training import split_windows
+from tests.apps.maintenance.conftest import (
+    check_causal_scoring_and_reload,
+    tiny_config,
+    two_unit_frame,
+)
 
 EWM = {"kind": "ewm", "alpha": 0.5}
 
 
-def _frame() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "unit": [1, 1, 1, 1, 2, 2],
-            "time": [1, 2, 3, 4, 1, 2],
-            "a": [1.0, 3.0, 2.0, 6.0, 10.0, 0.0],
-            "b": [0.0, 0.0, 4.0, 0.0, -2.0, 2.0],
-            "other": [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
-        }
-    )
-
-
 def test_ewm_hand_computed_and_unit_boundary():
-    got = causal_smooth_inputs(_frame(), ["a", "b"], EWM)
+    got = causal_smooth_inputs(two_unit_frame(), ["a", "b"], EWM)
     # s0 = x0; s_t = 0.5 x_t + 0.5 s_{t-1}; unit 2 starts again from its own first reading
     np.testing.assert_allclose(got["a"], [1.0, 2.0, 2.0, 4.0, 10.0, 5.0])
     np.testing.assert_allclose(got["b"], [0.0, 0.0, 2.0, 1.0, -2.0, 0.0])
@@ -38,10 +29,10 @@ def test_ewm_hand_computed_and_unit_boundary():
 
 
 def test_trailing_mean_hand_computed():
-    got = causal_smooth_inputs(_frame(), ["a"], {"kind": "mean", "window": 2})
+    got = causal_smooth_inputs(two_unit_frame(), ["a"], {"kind": "mean", "window": 2})
     np.testing.assert_allclose(got["a"], [1.0, 2.0, 2.5, 4.0, 10.0, 5.0])
-    off = causal_smooth_inputs(_frame(), ["a"], {"kind": "none"})
-    pd.testing.assert_frame_equal(off, _frame())
+    off = causal_smooth_inputs(two_unit_frame(), ["a"], {"kind": "none"})
+    pd.testing.assert_frame_equal(off, two_unit_frame())
 
 
 @pytest.mark.parametrize("spec", [EWM, {"kind": "mean", "window": 3}])
@@ -60,7 +51,7 @@ def test_reads_nothing_after_each_cycle(spec):
 
 
 def test_row_order_does_not_matter():
-    f = _frame()
+    f = two_unit_frame()
     shuffled = f.sample(frac=1.0, random_state=3)
     got = causal_smooth_inputs(shuffled, ["a", "b"], EWM)
     pd.testing.assert_frame_equal(got.sort_index(), causal_smooth_inputs(f, ["a", "b"], EWM))
@@ -72,9 +63,9 @@ def test_bad_settings_are_refused():
     with pytest.raises(MaintenanceDataError, match="alpha"):
         InputSmoothingConfig(kind="ewm", alpha=0.0)
     with pytest.raises(MaintenanceDataError, match="window"):
-        causal_smooth_inputs(_frame(), ["a"], {"kind": "mean", "window": 0})
+        causal_smooth_inputs(two_unit_frame(), ["a"], {"kind": "mean", "window": 0})
     with pytest.raises(MaintenanceDataError, match="'time'"):
-        causal_smooth_inputs(_frame().drop(columns="time"), ["a"], EWM)
+        causal_smooth_inputs(two_unit_frame().drop(columns="time"), ["a"], EWM)
     cfg = MaintenanceConfig.from_dict({"input_smoothing": {"kind": "ewm", "alpha": 0.2}})
     assert cfg.input_smoothing == InputSmoothingConfig(kind="ewm", alpha=0.2)
     assert MaintenanceConfig().input_smoothing.kind == "none"  # off unless configured
@@ -99,13 +90,5 @@ def test_fit_windows_and_predictor_use_the_smoothing(tmp_path):
     expected = pd.Series(raw_last).ewm(alpha=0.25, adjust=False).mean().to_numpy()
     np.testing.assert_allclose(w.x[u, -1, 0], expected, rtol=1e-5, atol=1e-6)
     # scoring a truncated history equals the full trajectory at that reading, also after load
-    frame = input_example(out.data, n_units=1, max_rows=60)
-    traj = out.predictor.predict_trajectory(frame)
-    cut = frame.iloc[:-9]
-    np.testing.assert_allclose(
-        out.predictor.predict(cut)["rul"].iloc[0], traj["rul"].iloc[len(cut) - 1], rtol=1e-5
-    )
-    out.predictor.save(tmp_path)
-    loaded = MaintenancePredictor.load(tmp_path)
+    loaded = check_causal_scoring_and_reload(out, tmp_path)
     assert loaded.normalizer["input_smoothing"]["kind"] == "ewm"
-    pd.testing.assert_frame_equal(loaded.predict(frame), out.predictor.predict(frame))

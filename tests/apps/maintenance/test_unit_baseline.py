@@ -9,29 +9,22 @@ import pytest
 
 from apps.maintenance.config import MaintenanceConfig
 from apps.maintenance.errors import MaintenanceDataError
-from apps.maintenance.predictor import MaintenancePredictor, feature_names
-from apps.maintenance.training import input_example, split_windows
+from apps.maintenance.predictor import feature_names
+from apps.maintenance.training import split_windows
 from apps.maintenance.unit_baseline import add_drift_channels
-from tests.apps.maintenance.conftest import tiny_config
-
-
-def _frame() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "unit": [1, 1, 1, 1, 2, 2],
-            "time": [1, 2, 3, 4, 1, 2],
-            "a": [1.0, 3.0, 2.0, 6.0, 10.0, 0.0],
-            "b": [0.0, 0.0, 4.0, 0.0, -2.0, 2.0],
-        }
-    )
+from tests.apps.maintenance.conftest import (
+    check_causal_scoring_and_reload,
+    tiny_config,
+    two_unit_frame,
+)
 
 
 def test_hand_computed_and_unit_boundary():
-    got = add_drift_channels(_frame(), ["a", "b"], readings=2)
+    got = add_drift_channels(two_unit_frame(), ["a", "b"], readings=2)
     # baseline = mean of the unit's first min(n, 2) readings so far; unit 2 has its own
     np.testing.assert_allclose(got["a_drift"], [0.0, 1.0, 0.0, 4.0, 0.0, -5.0])
     np.testing.assert_allclose(got["b_drift"], [0.0, 0.0, 4.0, 0.0, 0.0, 2.0])
-    pd.testing.assert_frame_equal(got[["unit", "time", "a", "b"]], _frame())  # inputs kept
+    pd.testing.assert_frame_equal(got.drop(columns=["a_drift", "b_drift"]), two_unit_frame())
 
 
 def test_reads_nothing_after_each_reading():
@@ -50,7 +43,7 @@ def test_reads_nothing_after_each_reading():
 
 
 def test_row_order_does_not_matter():
-    f = _frame()
+    f = two_unit_frame()
     shuffled = f.sample(frac=1.0, random_state=3)
     got = add_drift_channels(shuffled, ["a", "b"], readings=3)
     pd.testing.assert_frame_equal(got.sort_index(), add_drift_channels(f, ["a", "b"], readings=3))
@@ -58,9 +51,9 @@ def test_row_order_does_not_matter():
 
 def test_bad_settings_are_refused():
     with pytest.raises(MaintenanceDataError, match="unit_baseline_readings"):
-        add_drift_channels(_frame(), ["a"], readings=0)
+        add_drift_channels(two_unit_frame(), ["a"], readings=0)
     with pytest.raises(MaintenanceDataError, match="'time'"):
-        add_drift_channels(_frame().drop(columns="time"), ["a"], readings=2)
+        add_drift_channels(two_unit_frame().drop(columns="time"), ["a"], readings=2)
     with pytest.raises(MaintenanceDataError, match="unit_baseline_readings=-1"):
         MaintenanceConfig(unit_baseline_readings=-1)
     assert MaintenanceConfig().unit_baseline_readings == 0  # off unless configured
@@ -86,13 +79,5 @@ def test_fit_windows_and_predictor_use_the_drift(tmp_path):
     baseline = np.cumsum(np.where(pos < 4, first_sensor, 0.0)) / np.minimum(pos + 1, 4)
     np.testing.assert_allclose(w.x[u, -1, n], first_sensor - baseline, atol=1e-5)
     # scoring a truncated history equals the full trajectory at that reading, also after load
-    frame = input_example(out.data, n_units=1, max_rows=60)
-    traj = out.predictor.predict_trajectory(frame)
-    cut = frame.iloc[:-9]
-    np.testing.assert_allclose(
-        out.predictor.predict(cut)["rul"].iloc[0], traj["rul"].iloc[len(cut) - 1], rtol=1e-5
-    )
-    out.predictor.save(tmp_path)
-    loaded = MaintenancePredictor.load(tmp_path)
+    loaded = check_causal_scoring_and_reload(out, tmp_path)
     assert loaded.normalizer["unit_baseline_readings"] == 4
-    pd.testing.assert_frame_equal(loaded.predict(frame), out.predictor.predict(frame))
