@@ -8,10 +8,11 @@ invalid (NaN or text in a sensor, duplicated or unsorted times beyond the config
 gets a row with ``reject_reason`` and null predictions; the other assets are scored. Nothing
 is dropped silently. With ``rul_smoothing`` > 1 each reading's RUL is the causal mean of the
 last ``rul_smoothing`` window estimates, each moved forward by the time elapsed since
-(:func:`causal_smooth_rul`; only readings up to that reading are used). Give each asset's
-readings since its last maintenance: the model was trained on runs that start with reset health,
-and with ``unit_baseline_readings`` the first readings given are taken as the run's start, and with
-``age_feature`` the number of readings given is the run's age.
+(:func:`causal_smooth_rul`; only readings up to that reading are used).
+
+Give each asset's readings since its last maintenance. The model was trained on runs that start
+with reset health. With ``unit_baseline_readings``, the first readings given are taken as the
+run's start; with ``age_feature``, the number of readings given is taken as the run's age.
 
 ``save`` writes only plain files: ``config.json`` (model hyperparameters, schema, normaliser
 statistics, alarm policy, RUL smoothing) and ``weights.pt`` (a ``state_dict``, loaded with
