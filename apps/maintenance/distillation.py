@@ -47,6 +47,7 @@ from apps.maintenance.training import (
     evaluate_prepared,
     fingerprint,
     input_example,
+    pretrain_if_configured,
     smoothed_rul,
     split_windows,
     time_unit_of,
@@ -146,6 +147,8 @@ def distill_fit_predictor(
             f" student's data gives {w_train.x.shape[2]}"
         )
     student = build_student(cfg, n_channels)
+    # the student config's own pretraining, as training.fit gives the same student from scratch
+    pretrain_if_configured(student, cfg, w_train, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = getattr(cfg, "steps_per_epoch", None)
     train_dl = batch_loader(w_train, cfg.batch_size, True, steps, g)

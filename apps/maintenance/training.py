@@ -265,6 +265,37 @@ def member_seed(seed: int, k: int) -> int:
     return seed if k == 0 else seed + 104_729 * k
 
 
+def pretrain_if_configured(
+    model: torch.nn.Module,
+    cfg: MaintenanceConfig,
+    w_train: WindowSet,
+    seed: int,
+    device: str | None = None,
+) -> list[float]:
+    """The recipe's masked-patch pretraining (``cfg.pretrain_epochs`` > 0) of ``model`` on the
+    training windows, in place; its per-epoch losses ([] when off). Every model a config trains
+    goes through it (ensemble members, distilled students), so a distilled student and the same
+    student trained from scratch get the same budget."""
+    if cfg.pretrain_epochs <= 0:
+        return []
+    dev = device or (
+        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    )
+    losses = pretrain_masked(
+        model,
+        w_train.x,
+        w_train.mask,
+        cfg.pretrain_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.pretrain_lr,
+        mask_ratio=cfg.pretrain_mask_ratio,
+        seed=seed,
+        device=dev,
+    )
+    model.cpu()
+    return losses
+
+
 def _train_member(
     cfg: MaintenanceConfig,
     w_train: WindowSet,
@@ -277,23 +308,7 @@ def _train_member(
     seed = member_seed(cfg.seed, k)
     seed_everything(seed)
     model = build_model(cfg, n_channels=w_train.x.shape[2])
-    losses: list[float] = []
-    if cfg.pretrain_epochs > 0:
-        dev = device or (
-            "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
-        )
-        losses = pretrain_masked(
-            model,
-            w_train.x,
-            w_train.mask,
-            cfg.pretrain_epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.pretrain_lr,
-            mask_ratio=cfg.pretrain_mask_ratio,
-            seed=seed,
-            device=dev,
-        )
-        model.cpu()
+    losses = pretrain_if_configured(model, cfg, w_train, seed, device)
     g = torch.Generator().manual_seed(seed)
     train_dl = batch_loader(w_train, cfg.batch_size, True, cfg.steps_per_epoch, g)
     val_dl = batch_loader(w_val, max(cfg.batch_size, 2048), False)
