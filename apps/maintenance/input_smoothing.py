@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from apps.maintenance.errors import MaintenanceDataError
+from apps.maintenance.windows import unit_time_order
 from core.configio import YamlConfig
 
 SMOOTHING_KINDS = ("none", "ewm", "mean")
@@ -75,8 +76,7 @@ def causal_smooth_inputs(
         if col not in frame.columns:
             raise MaintenanceDataError(f"input smoothing: input lacks column {col!r}")
     cols = list(columns)
-    time_key = frame[time_column].rank(method="dense").to_numpy()
-    order = np.lexsort((time_key, pd.factorize(frame[unit_column], sort=True)[0]))
+    order = unit_time_order(frame, unit_column, time_column)
     f = frame.iloc[order]
     g = f[cols].astype(np.float64).groupby(f[unit_column].to_numpy(), sort=False)
     if kind == "ewm":

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from apps.maintenance.errors import MaintenanceDataError
+from apps.maintenance.windows import unit_time_order
 
 DRIFT_SUFFIX = "_drift"
 
@@ -50,8 +51,7 @@ def add_drift_channels(
         for name in drift_names(cols):
             out[name] = np.zeros(0, np.float64)
         return out
-    time_key = frame[time_column].rank(method="dense").to_numpy()
-    order = np.lexsort((time_key, pd.factorize(frame[unit_column], sort=True)[0]))
+    order = unit_time_order(frame, unit_column, time_column)
     f = frame.iloc[order]
     values_RC = f[cols].to_numpy(np.float64)
     unit = f[unit_column].to_numpy()
@@ -62,9 +62,9 @@ def add_drift_channels(
     # running sum of each unit's first `readings` readings: readings past that add nothing
     early_RC = np.where((pos < readings)[:, None], values_RC, 0.0)
     csum_RC = np.cumsum(early_RC, axis=0)
-    before_RC = np.where(first_row[:, None] > 0, csum_RC[np.maximum(first_row - 1, 0)], 0.0)
-    count = np.minimum(pos + 1, readings)[:, None]
-    baseline_RC = (csum_RC - before_RC) / count
+    # the running sum just before each unit's first row (0 for the first unit)
+    before_RC = np.vstack([np.zeros((1, len(cols))), csum_RC])[first_row]
+    baseline_RC = (csum_RC - before_RC) / np.minimum(pos + 1, readings)[:, None]
     drift = np.empty_like(values_RC)
     drift[order] = values_RC - baseline_RC
     out[drift_names(cols)] = drift

@@ -44,6 +44,14 @@ class WindowSet:
         return len(self.x)
 
 
+def unit_time_order(frame: pd.DataFrame, unit_column: str, time_column: str) -> np.ndarray:
+    """Row positions that put ``frame`` in unit order, then time order within each unit: the
+    order every causal per-unit transform walks (windows, input smoothing, drift channels).
+    Times are ranked first, which also orders tz-aware timestamps."""
+    time_key = frame[time_column].rank(method="dense").to_numpy()
+    return np.lexsort((time_key, pd.factorize(frame[unit_column], sort=True)[0]))
+
+
 def build_windows(
     frame: pd.DataFrame,
     feature_columns: Sequence[str],
@@ -72,8 +80,7 @@ def build_windows(
         raise MaintenanceDataError(f"build_windows: missing column(s) {missing}")
     if len(frame) == 0:
         raise MaintenanceDataError("build_windows: the frame has no rows")
-    time_key = frame[time_column].rank(method="dense").to_numpy()  # also orders tz-aware timestamps
-    order = np.lexsort((time_key, pd.factorize(frame[unit_column], sort=True)[0]))
+    order = unit_time_order(frame, unit_column, time_column)
     f = frame.iloc[order]
     unit = f[unit_column].to_numpy()
     time = f[time_column].to_numpy()
