@@ -242,7 +242,12 @@ def distill_student(
     core's: ``alpha * teacher_term(student, teacher, cfg) + (1 - alpha) * task`` as in
     :class:`core.distill.DistillationModule` (``cfg``: :func:`student_distill_config`;
     ``alpha < 1`` needs the labels ``y_N``, task = BCE with ``pos_weight``). Use rows the
-    teacher was trained or validated on, never test rows."""
+    teacher was trained or validated on, never test rows.
+
+    A label may be NaN: not known yet. Transactions inside the label delay exist when the
+    student is trained but their labels do not; they still carry the teacher's soft label.
+    The task term then averages over the batch's known labels only, so a row without one
+    is taught by the teacher alone (semi-supervised distillation)."""
     from core.distill import teacher_term  # lazy: the scoring path needs no lightning
 
     _check_rows(x_NF, teacher_logits_N, "teacher logits")
@@ -251,12 +256,23 @@ def distill_student(
         raise ValueError(f"alpha={cfg.alpha} < 1 needs one label per row (y_N)")
     t = torch.from_numpy(np.ascontiguousarray(teacher_logits_N, np.float32))
     y = None if y_N is None else torch.from_numpy(np.asarray(y_N, np.float32))
+    known = None if y is None else ~torch.isnan(y)
+    if cfg.alpha < 1.0 and not bool(known.any()):
+        raise ValueError(f"alpha={cfg.alpha} < 1 needs at least one known label; all are NaN")
+    partial = known is not None and not bool(known.all())
     pw = torch.tensor(float(pos_weight))
 
     def loss(logits_B: Tensor, rows_B: Tensor) -> Tensor:
         total = cfg.alpha * teacher_term(logits_B, t[rows_B], cfg)
         if cfg.alpha < 1.0:
-            task = F.binary_cross_entropy_with_logits(logits_B, y[rows_B], pos_weight=pw)
+            if partial:  # rows inside the label delay: no task term
+                k_B = known[rows_B]
+                per_row = F.binary_cross_entropy_with_logits(
+                    logits_B[k_B], y[rows_B][k_B], pos_weight=pw, reduction="sum"
+                )
+                task = per_row / k_B.sum().clamp_min(1)
+            else:
+                task = F.binary_cross_entropy_with_logits(logits_B, y[rows_B], pos_weight=pw)
             total = total + (1.0 - cfg.alpha) * task
         return total
 

@@ -102,3 +102,50 @@ def test_distill_student_options_and_errors() -> None:
     with pytest.raises(ValueError, match="equal"):
         scratch_student(x, y[:10])
     assert student_logits(binary, x[:0]).shape == (0,)
+
+
+def test_unknown_labels_are_taught_by_the_teacher_alone() -> None:
+    """Rows inside the label delay (NaN label) add no task term: with every label of a
+    batch unknown the mixed loss equals alpha times the teacher term alone, and with
+    known labels only the known rows enter the BCE average."""
+    x, t, y = _data(512)
+    kw = {"hidden": (16, 8), "epochs": 2, "batch_size": 64, "seed": 1}
+    y_nan = y.astype(np.float64)
+    y_nan[256:] = np.nan
+    # alpha 0.5 on half-unknown labels equals a hand-written reference loop
+    got = distill_student(x, t, cfg={"alpha": 0.5}, y_N=y_nan, pos_weight=2.0, **kw)
+
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    ref = StudentMLP(x.shape[1], (16, 8))
+    xt, tt, yt = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y_nan).float()
+    opt = torch.optim.AdamW(ref.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=2 * 8)
+    for _ in range(2):
+        perm = torch.randperm(len(xt), generator=g)
+        for s in range(0, len(xt), 64):
+            b = perm[s : s + 64]
+            out = ref(xt[b])
+            mse = nn.functional.mse_loss(out, tt[b])
+            k = ~torch.isnan(yt[b])
+            bce = nn.functional.binary_cross_entropy_with_logits(
+                out[k], yt[b][k], pos_weight=torch.tensor(2.0), reduction="sum"
+            ) / max(int(k.sum()), 1)
+            loss = 0.5 * mse + 0.5 * bce
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    for a, b in zip(got.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert np.isfinite(student_logits(got, x)).all()
+
+    # every label known: the same as the plain mixed loss (no masking path)
+    full = distill_student(x, t, cfg={"alpha": 0.5}, y_N=y, pos_weight=2.0, **kw)
+    full_f = distill_student(
+        x, t, cfg={"alpha": 0.5}, y_N=y.astype(np.float64), pos_weight=2.0, **kw
+    )
+    for a, b in zip(full.parameters(), full_f.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one known label"):
+        distill_student(x, t, cfg={"alpha": 0.5}, y_N=np.full(len(x), np.nan), **kw)

@@ -50,6 +50,18 @@ def test_stage_configs() -> None:
     assert (d2.logits_key, d2.kind) == ("logits", "binary")
 
 
+def test_shipped_distill_config_keeps_its_temperature() -> None:
+    """``apps/medical/configs/distill.yaml`` (the ``--distill-config`` the docs name): the
+    validation-chosen temperature 0.5 reaches both stages' teacher terms."""
+    from pathlib import Path
+
+    from core.distill import DistillConfig
+
+    path = Path(__file__).parents[3] / "apps/medical/configs/distill.yaml"
+    d1, d2 = stage_distill_configs(DistillConfig.from_yaml(path))
+    assert (d1.temperature, d2.temperature, d1.alpha) == (0.5, 0.5, 0.7)
+
+
 def test_student_heatmap_tracks_teacher(teacher_setup) -> None:
     cfg, teacher, scans, truth = teacher_setup
     scfg = _student(cfg)
