@@ -2114,12 +2114,13 @@ def cmd_fsdp2_one_gpu(args: argparse.Namespace) -> tuple[float, dict] | None:
 # ============================================================================ main
 
 
-def record_result(area: str, key: str, value: float | None, details: dict[str, Any]) -> None:
+def record_result(
+    area: str, key: str, value: float | None, details: dict[str, Any]
+) -> dict[str, Any]:
     """:func:`bench.common.record`, or for ``value=None`` (an invalid measurement, reason in
-    ``details``) the same atomic merge with ``"value": null``."""
+    ``details``) the same atomic merge with ``"value": null``; returns the recorded entry."""
     if value is not None:
-        record(area, key, float(value), details)
-        return
+        return record(area, key, float(value), details)
     import datetime as dt
     import os
     import tempfile
@@ -2130,18 +2131,20 @@ def record_result(area: str, key: str, value: float | None, details: dict[str, A
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{area}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = {
+    entry = {
         "value": None,
         "machine": machine(),
         "date": dt.date.today().isoformat(),
         "command": details.get("command"),
         "details": details,
     }
+    data[key] = entry
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
     print(f"[{area}] {key} = null ({details.get('invalid_reason', 'no value')})", flush=True)
+    return entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -2276,6 +2279,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " time); the key then reports it against the scratch student",
     )
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also log each teacher/distilled/scratch result as an MLflow run"
+        " (bench.scale_mlflow; store: KEEL_TRACKING_URI, else ./mlflow.db)",
+    )
     args = ap.parse_args(argv)
     if args.tiny:
         for k in ("teacher_epochs", "student_epochs", "medical_epochs"):
@@ -2311,7 +2320,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_record:
             print(f"{key} = {value if value is None else f'{value:.4g}'}", flush=True)
         else:
-            record_result("scale", key, value, details)
+            entry = record_result("scale", key, value, details)
+            if args.mlflow and "_student_retention" in key:
+                from bench.scale_mlflow import log_entry
+
+                print(f"{key}: MLflow run {log_entry(key, entry)}", flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s on {machine()}", flush=True)
     print(json.dumps({k: v for k, (v, _) in results.items()}, indent=1))
     return 0
