@@ -56,11 +56,15 @@ handbook``): a third MLP fits the teacher's logits on the train, validation and 
 The delay block's labels are not known when the model is trained, so the scratch student
 cannot use those rows and the teacher can label them: the issue's "soft labels on
 unlabelled data". The key (``fraud_student_retention_<config>_delay_soft_labels``) then
-reports that student against the scratch one.
+reports that student against the scratch ones: the same epochs on the labelled rows, and as
+many optimizer steps as the delay student (``student_scratch_same_steps``). With
+``--fraud-mlp-alpha`` < 1 the delay student also keeps the labelled rows' labels (the delay
+rows' labels are NaN there: teacher term only).
 
-Medical uses the token detector with FP reduction (what ``apps/medical/distillation.py``
-distils; the dense detector is not distillable), the ``synthetic_bench`` sizes for the
-teacher and dense d=32 2-block students, on the npz phantoms of ``bench/medical_bench.py``
+Medical (``--medical-detector``): the token detector with FP reduction, or the dense voxel
+heat map (the shipped bench detector; tempered per-voxel KL, ``--medical-temperature``,
+default 0.5 as chosen on validation), the ``synthetic_bench`` sizes for the teacher and
+dense d=32 2-block students, on the npz phantoms of ``bench/medical_bench.py``
 (``--medical-data``, default ``keel_outputs/medical_bench_data64``; made when absent,
 which needs pydicom), so it runs without pydicom on a machine that has the folder.
 
@@ -2276,7 +2280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="mlp: a third student distilled on the teacher's logits over the train +"
         " validation rows and the delay block (whose labels are not known yet at training"
-        " time); the key then reports it against the scratch student",
+        " time), and a scratch student with as many steps; the key reports the delay"
+        " student against both scratch students",
     )
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument(
