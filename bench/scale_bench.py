@@ -1371,6 +1371,92 @@ def _medical_row(
     return row
 
 
+def heatmap_scans_per_s(
+    detector: Any, scans: list[Any], cfg: Any, batch: int, device: str, reps: int = 3
+) -> float:
+    """Scans per second of the dense detector's whole-scan scoring path
+    (:func:`apps.medical.dense.sliding_window_dense`, what ``detect`` runs: the filter bank
+    once per scan, then overlapping windows of its features in batches of ``batch``, bf16 on
+    CUDA, and the weighted accumulation), without candidate extraction (its cost depends on
+    the weights; the heat map's does not). The per-crop rate of :func:`_medical_row` charges
+    the filter bank to every crop, which whole-scan scoring does not."""
+    from apps.medical.dense import sliding_window_dense
+
+    dc = cfg.detector
+    stride = dc.infer_stride_zyx or dc.stride_zyx
+    detector = detector.to(device).eval()
+
+    def fn() -> None:
+        with torch.inference_mode():
+            for s in scans:
+                sliding_window_dense(detector, s.image, dc.crop_zyx, stride, batch, dc.tta_flips)
+
+    t = time_fn(fn, warmup=1, reps=reps)
+    detector.cpu()
+    return len(scans) / (t["median_ms"] / 1e3)
+
+
+def run_medical_scoring_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """``--medical-scoring-only``: the teacher (``--medical-teacher-dir``) against the
+    student architecture (untrained: speed does not depend on the weights), per crop
+    (:func:`score_throughput`, filter bank included per crop, fp32) and per whole scan
+    (:func:`heatmap_scans_per_s`, equal window batches ``--medical-scoring-batch``) on the
+    first ``--medical-scoring-scans`` held-out series. No training, no CPM."""
+    import numpy as np
+
+    from apps.medical.data import load_prepared, read_truth, split_series
+    from apps.medical.predictor import build_detector
+    from apps.medical.training import detector_samples
+
+    if not args.medical_teacher_dir or args.medical_detector != "dense":
+        raise SystemExit("--medical-scoring-only needs --medical-teacher-dir and a dense detector")
+    root = medical_data(args)
+    tcfg, scfg = medical_configs(args, root)
+    teacher = load_medical_teacher(Path(args.medical_teacher_dir), tcfg)
+    student = build_detector(scfg)
+    truth = read_truth(root)
+    train, held = split_series(truth.seriesuids, tcfg.data.heldout_fraction, tcfg.data.split_seed)
+    scans = load_prepared(tcfg, root, held[: args.medical_scoring_scans])
+    crop_scans = load_prepared(tcfg, root, train[:4])
+    crops = detector_samples(tcfg, crop_scans, truth.subset(train[:4]), np.random.default_rng(0))
+    dev = "cuda" if args.device == "cuda" else "cpu"
+    batches = [min(b, 64 if args.tiny else 1024) for b in score_batches(args)]
+    rows = []
+    for name, model in (("teacher", teacher.detector), ("student", student)):
+        rows.append(
+            {
+                "model": name,
+                "active_params": count_active_params(model),
+                "stage1_crops_per_s": {
+                    b: score_throughput(model, {"image": crops["image"]}, b, dev)
+                    for b in sorted(set(batches), reverse=True)
+                },
+                "scans_per_s": heatmap_scans_per_s(
+                    model, scans, tcfg, args.medical_scoring_batch, dev
+                ),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    t, st = rows
+    per_scan = st["scans_per_s"] / t["scans_per_s"]
+    details = {
+        "rows": rows,
+        "scan_speedup": per_scan,
+        "crop_speedup": throughput_summary(rows, "stage1_crops_per_s"),
+        "scoring_target_3x_met": per_scan >= 3.0,
+        "n_scans": len(scans),
+        "window_batch": args.medical_scoring_batch,
+        "windows": f"crop {tuple(tcfg.detector.crop_zyx)}, stride "
+        f"{tuple(tcfg.detector.infer_stride_zyx or tcfg.detector.stride_zyx)}, "
+        f"tta_flips {tcfg.detector.tta_flips}",
+        "student": "untrained, the architecture of the distilled / scratch students",
+        "teacher_dir": args.medical_teacher_dir,
+        "machine": machine(),
+    }
+    print(json.dumps({"scan_speedup": per_scan}), flush=True)
+    return {"medical_student_scoring_speedup": (per_scan, details)}
+
+
 def load_medical_teacher(path: Path, tcfg: Any) -> Any:
     """A saved :class:`NoduleDetector` as the teacher; its detector kind and grid must be the
     ones the students are built for, or the distillation compares different tasks."""
@@ -2214,6 +2300,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--medical-student-d", type=int, default=32)
     ap.add_argument(
+        "--medical-scoring-only",
+        action="store_true",
+        help="dense: time teacher vs student architecture per crop and per whole held-out"
+        " scan (no training); key medical_student_scoring_speedup",
+    )
+    ap.add_argument("--medical-scoring-scans", type=int, default=8)
+    ap.add_argument(
+        "--medical-scoring-batch",
+        type=int,
+        default=64,
+        help="windows per forward for whole-scan timing, the same for both models",
+    )
+    ap.add_argument(
         "--medical-temperature",
         type=float,
         default=0.5,
@@ -2317,7 +2416,9 @@ def main(argv: list[str] | None = None) -> int:
     if "fraud" in args.apps and not args.skip_distill:
         run = run_fraud_mlp_distill if args.fraud_student == "mlp" else run_fraud_distill
         results |= run(args)
-    if "medical" in args.apps and not args.skip_distill:
+    if "medical" in args.apps and args.medical_scoring_only:
+        results |= run_medical_scoring_speed(args)
+    elif "medical" in args.apps and not args.skip_distill:
         results |= run_medical_distill(args)
     cmd = "python -m bench.scale_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     for key, (value, details) in results.items():

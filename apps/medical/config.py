@@ -77,7 +77,10 @@ class DetectorConfig:
     ``train_minutes`` stops training after that wall time (None: run all epochs).
     ``nms_grid_mm``: NMS radii tried on the validation series (``data.val_fraction``).
     ``tta_flips`` (dense only): average the heat maps of the scan and of its z, y and x
-    flips at inference (4x the work). ``pos_size_power`` (dense only): nodule-centred crops
+    flips at inference (4x the work). ``infer_batch_size``: windows per forward when
+    scoring whole scans (None: ``batch_size``); inference keeps no activations for a
+    backward pass, so larger batches fit and keep a GPU busy, and the choice does not change
+    the heat map. ``pos_size_power`` (dense only): nodule-centred crops
     pick nodule ``i`` with probability proportional to ``diameter_i ** -pos_size_power``
     (0: uniform over nodules), so small nodules, which the detector misses most, are seen
     more often.
@@ -90,6 +93,7 @@ class DetectorConfig:
     pos_size_power: float = 0.0
     samples_per_epoch: int = 512
     infer_stride_zyx: tuple[int, int, int] | None = None
+    infer_batch_size: int | None = None
     train_minutes: float | None = None
     nms_grid_mm: tuple[float, ...] = ()
     tta_flips: bool = False
@@ -111,6 +115,11 @@ class DetectorConfig:
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig.quiet(6, log_every_n_steps=5)
     )
+
+    @property
+    def scoring_batch_size(self) -> int:
+        """Windows per forward when scoring whole scans."""
+        return int(self.infer_batch_size or self.batch_size)
 
 
 @dataclass
@@ -203,6 +212,10 @@ class MedicalConfig(YamlConfig):
                 f"detector.stride_zyx={tuple(self.detector.stride_zyx)} must be a positive "
                 f"multiple of patch_zyx={tuple(self.detector.patch_zyx)} and <= crop_zyx"
             )
+
+        ib = self.detector.infer_batch_size
+        if ib is not None and int(ib) < 1:
+            raise MedicalDataError(f"detector.infer_batch_size={ib}; expected >= 1 or null")
 
     @classmethod
     def named(cls, name: str) -> MedicalConfig:

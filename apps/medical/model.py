@@ -371,7 +371,7 @@ def stage1_candidates(cfg: Any, detector: Any, scan: Any) -> pd.DataFrame:
         dc.nms_radius_mm,
         dc.max_candidates,
         cfg.refine_centroid,
-        dc.batch_size,
+        dc.scoring_batch_size,
         dc.tta_flips,
     )
 

@@ -451,7 +451,7 @@ def tune_nms_radius(
             s.image,
             dc.crop_zyx,
             dc.infer_stride_zyx or dc.stride_zyx,
-            dc.batch_size,
+            dc.scoring_batch_size,
             dc.tta_flips,
         ).cpu()
         for s in val_scans

@@ -163,6 +163,45 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
         sb.load_medical_teacher(tmp_path / "teacher_4mm", tcfg)
 
 
+def test_tiny_medical_scoring_speed(tmp_path) -> None:
+    """--medical-scoring-only: teacher and student architecture timed per crop and per whole
+    held-out scan (the sliding-window path, equal window batches); no training."""
+    from apps.medical.dense import sliding_window_dense
+    from apps.medical.predictor import NoduleDetector, build_detector
+
+    data = tmp_path / "npz_data"
+    base = ("--apps", "medical", "--medical-data", str(data), "--medical-detector", "dense")
+    args = _args(*base)
+    root = sb.medical_data(args)
+    tcfg, _ = sb.medical_configs(args, root)
+    torch.manual_seed(3)
+    NoduleDetector(tcfg, build_detector(tcfg), None).save(tmp_path / "teacher")
+    argv = (*base, "--medical-teacher-dir", str(tmp_path / "teacher"), "--medical-scoring-only")
+    value, d = sb.run_medical_scoring_speed(
+        _args(*argv, "--medical-scoring-scans", "1", "--medical-scoring-batch", "2")
+    )["medical_student_scoring_speedup"]
+    teacher, student = d["rows"]
+    assert value == pytest.approx(student["scans_per_s"] / teacher["scans_per_s"])
+    assert teacher["scans_per_s"] > 0 and student["scans_per_s"] > 0
+    assert teacher["active_params"] > student["active_params"]
+    assert d["n_scans"] == 1 and d["window_batch"] == 2
+    assert d["scoring_target_3x_met"] == (value >= 3.0)
+    with pytest.raises(SystemExit, match="needs --medical-teacher-dir"):
+        sb.run_medical_scoring_speed(_args(*base, "--medical-scoring-only"))
+
+    # the window batch changes the speed only: the heat map is the same
+    from apps.medical.data import load_prepared, read_truth
+
+    scan = load_prepared(tcfg, root, read_truth(root).seriesuids[:1])[0]
+    dc = tcfg.detector
+    det = NoduleDetector.load(tmp_path / "teacher").detector.eval()
+    with torch.inference_mode():
+        maps = [
+            sliding_window_dense(det, scan.image, dc.crop_zyx, dc.stride_zyx, b) for b in (1, 3)
+        ]
+    torch.testing.assert_close(maps[0], maps[1], rtol=0, atol=1e-5)
+
+
 def test_tiny_fraud_backbone_student_run() -> None:
     """The default fraud student (the shrunk backbone): teacher, distilled and scratch rows
     on the same test block, retention = distilled AP / teacher AP."""

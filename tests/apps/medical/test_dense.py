@@ -248,3 +248,18 @@ def test_tta_flips_averages_the_map_and_its_three_axis_flips():
     ]
     assert torch.allclose(tta, torch.stack(manual).mean(0), atol=1e-6)
     assert not torch.allclose(tta, plain, atol=1e-4)  # the flips do change the map
+
+
+def test_scoring_batch_defaults_to_the_training_batch_and_is_validated():
+    """``detector.infer_batch_size`` sets the windows per forward when scoring whole scans
+    (None: ``batch_size``); a value below 1 is refused naming the field."""
+    import pytest
+
+    from apps.medical.errors import MedicalDataError
+
+    cfg = MedicalConfig.from_dict({"detector": {"batch_size": 16}})
+    assert cfg.detector.scoring_batch_size == 16
+    cfg = MedicalConfig.from_dict({"detector": {"batch_size": 16, "infer_batch_size": 128}})
+    assert cfg.detector.scoring_batch_size == 128
+    with pytest.raises(MedicalDataError, match="infer_batch_size=0"):
+        MedicalConfig.from_dict({"detector": {"infer_batch_size": 0}})
