@@ -926,7 +926,16 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     }
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
-    return {"fraud_student_retention": (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+    return {fraud_key(args): (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+
+
+def fraud_key(args: argparse.Namespace) -> str:
+    """``fraud_student_retention`` for ULB (and the demo), ``..._<config>`` for another
+    set, so a handbook run never overwrites the ULB figure."""
+    key = "fraud_student_retention"
+    if args.fraud_config not in ("ulb", "demo"):
+        key += f"_{Path(str(args.fraud_config)).stem}"
+    return key
 
 
 # ---------------------------------------------------------------- fraud: MLP student
@@ -1259,9 +1268,9 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     print(json.dumps({k: details[k] for k in ("mean_pr_auc", "targets_met")}), flush=True)
-    key = "fraud_student_retention"  # the ULB (and demo) key; other sets get their own
-    if delay is not None or args.fraud_config not in ("ulb", "demo"):
-        key += f"_{Path(str(args.fraud_config)).stem}"
+    key = fraud_key(args)
+    if delay is not None and args.fraud_config in ("ulb", "demo"):
+        key += f"_{args.fraud_config}"  # the delay block's key always names its set
     if delay is not None:
         key += "_delay_soft_labels"
     if args.fraud_mlp_alpha < 1.0:  # labels mixed into the teacher term: its own key

@@ -202,6 +202,18 @@ def test_tiny_medical_scoring_speed(tmp_path) -> None:
     torch.testing.assert_close(maps[0], maps[1], rtol=0, atol=1e-5)
 
 
+def test_fraud_keys_name_the_set() -> None:
+    """A handbook (or any non-ULB) run records under its own key, so it never overwrites
+    the ULB figure ``fraud_student_retention``."""
+    for config, key in (
+        ("ulb", "fraud_student_retention"),
+        ("demo", "fraud_student_retention"),
+        ("handbook", "fraud_student_retention_handbook"),
+        ("configs/mine.yaml", "fraud_student_retention_mine"),
+    ):
+        assert sb.fraud_key(sb.parse_args(["--fraud-config", config])) == key
+
+
 def test_tiny_fraud_backbone_student_run() -> None:
     """The default fraud student (the shrunk backbone): teacher, distilled and scratch rows
     on the same test block, retention = distilled AP / teacher AP."""
