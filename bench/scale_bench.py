@@ -1363,9 +1363,11 @@ def _medical_row(
         count_active_params(predictor.fp_model) if predictor.fp_model is not None else 0
     )
     batches = [min(b, 64 if args.tiny else 1024) for b in score_batches(args)]
+    val_cpm = getattr(predictor.detector, "validation_cpm_", None)  # chose the NMS radius
     row = {
         "model": name,
         "cpm": float(m["cpm"]),
+        "validation_cpm": None if val_cpm is None else float(val_cpm),
         "sensitivity_at_4fp": float(m["sensitivity_at_4fp"]),
         "active_params": params,
         "stage1_crops_per_s": {

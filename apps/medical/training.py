@@ -438,7 +438,9 @@ def tune_nms_radius(
     cfg: MedicalConfig, model: Any, val_scans: Sequence[PreparedScan], truth: Truth
 ) -> float:
     """The radius of ``cfg.detector.nms_grid_mm`` with the best LUNA16 CPM on ``val_scans``
-    (validation series, never the held-out ones); ties go to the first listed."""
+    (validation series, never the held-out ones); ties go to the first listed. That CPM is
+    kept on the model as ``validation_cpm_``, so a benchmark can compare recipes on
+    validation data instead of the held-out series."""
     from apps.medical.dense import candidates_from_heatmap, sliding_window_dense
     from apps.medical.froc import evaluate_froc
 
@@ -473,6 +475,7 @@ def tune_nms_radius(
         print(f"[medical] validation NMS {float(r):g} mm: CPM {cpm:.3f}", flush=True)
         if cpm > best_cpm:
             best, best_cpm = float(r), cpm
+    model.validation_cpm_ = best_cpm
     return best
 
 

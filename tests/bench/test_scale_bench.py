@@ -121,6 +121,7 @@ def test_tiny_medical_distillation_rows(tmp_path, detector) -> None:
         detector,
     )
     value, d = sb.run_medical_distill(args)["medical_student_retention"]
+    assert all("validation_cpm" in r for r in d["rows"])  # what chose the NMS radius
     assert d["detector"].startswith(detector)
     assert (tmp_path / "npz_data" / "npz").is_dir()  # the medical_bench npz layout
     names = [r["model"] for r in d["rows"]]

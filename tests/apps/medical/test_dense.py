@@ -185,6 +185,7 @@ def test_dense_detector_trains_saves_and_reloads(tmp_path):
     scans = [prepare(cfg, load_raw_scan(root, u)) for u in truth.seriesuids]
     det = fit_detector(cfg, scans, truth)
     assert dc.nms_radius_mm in (8.0, 20.0)
+    assert 0.0 <= det.validation_cpm_ <= 1.0  # the CPM that chose the radius, kept for benches
     pred = NoduleDetector(cfg, det)
     pred.save(tmp_path / "model")
     again = NoduleDetector.load(tmp_path / "model")
