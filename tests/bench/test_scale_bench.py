@@ -135,9 +135,9 @@ def test_tiny_medical_distillation_rows(tmp_path, detector) -> None:
     assert d["rows"][1]["active_params"] == d["rows"][2]["active_params"]
 
 
-def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
-    """--medical-teacher-dir: the saved detector is the teacher (not retrained), its rows
-    are scored like a trained one, and a teacher on another grid is refused."""
+def _saved_dense_teacher(tmp_path):
+    """``(argv base, teacher config, data root, saved predictor)``: the tiny npz phantoms
+    and an untrained dense detector saved under ``tmp_path / "teacher"``."""
     from apps.medical.predictor import NoduleDetector, build_detector
 
     data = tmp_path / "npz_data"
@@ -148,6 +148,15 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
     torch.manual_seed(3)
     saved = NoduleDetector(tcfg, build_detector(tcfg), None)
     saved.save(tmp_path / "teacher")
+    return base, tcfg, root, saved
+
+
+def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
+    """--medical-teacher-dir: the saved detector is the teacher (not retrained), its rows
+    are scored like a trained one, and a teacher on another grid is refused."""
+    from apps.medical.predictor import NoduleDetector
+
+    base, tcfg, _, saved = _saved_dense_teacher(tmp_path)
     value, d = sb.run_medical_distill(
         _args(*base, "--medical-teacher-dir", str(tmp_path / "teacher"))
     )["medical_student_retention"]
@@ -168,15 +177,9 @@ def test_tiny_medical_scoring_speed(tmp_path) -> None:
     """--medical-scoring-only: teacher and student architecture timed per crop and per whole
     held-out scan (the sliding-window path, equal window batches); no training."""
     from apps.medical.dense import sliding_window_dense
-    from apps.medical.predictor import NoduleDetector, build_detector
+    from apps.medical.predictor import NoduleDetector
 
-    data = tmp_path / "npz_data"
-    base = ("--apps", "medical", "--medical-data", str(data), "--medical-detector", "dense")
-    args = _args(*base)
-    root = sb.medical_data(args)
-    tcfg, _ = sb.medical_configs(args, root)
-    torch.manual_seed(3)
-    NoduleDetector(tcfg, build_detector(tcfg), None).save(tmp_path / "teacher")
+    base, tcfg, root, _ = _saved_dense_teacher(tmp_path)
     argv = (*base, "--medical-teacher-dir", str(tmp_path / "teacher"), "--medical-scoring-only")
     value, d = sb.run_medical_scoring_speed(
         _args(*argv, "--medical-scoring-scans", "1", "--medical-scoring-batch", "2")
