@@ -929,11 +929,11 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     return {fraud_key(args): (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
 
 
-def fraud_key(args: argparse.Namespace) -> str:
+def fraud_key(args: argparse.Namespace, name_set: bool = False) -> str:
     """``fraud_student_retention`` for ULB (and the demo), ``..._<config>`` for another
-    set, so a handbook run never overwrites the ULB figure."""
+    set (or always, with ``name_set``), so a handbook run never overwrites the ULB figure."""
     key = "fraud_student_retention"
-    if args.fraud_config not in ("ulb", "demo"):
+    if name_set or args.fraud_config not in ("ulb", "demo"):
         key += f"_{Path(str(args.fraud_config)).stem}"
     return key
 
@@ -1268,9 +1268,7 @@ def run_fraud_mlp_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     print(json.dumps({k: details[k] for k in ("mean_pr_auc", "targets_met")}), flush=True)
-    key = fraud_key(args)
-    if delay is not None and args.fraud_config in ("ulb", "demo"):
-        key += f"_{args.fraud_config}"  # the delay block's key always names its set
+    key = fraud_key(args, name_set=delay is not None)  # a delay-block key names its set
     if delay is not None:
         key += "_delay_soft_labels"
     if args.fraud_mlp_alpha < 1.0:  # labels mixed into the teacher term: its own key
@@ -1362,7 +1360,6 @@ def _medical_row(
     params = count_active_params(predictor.detector) + (
         count_active_params(predictor.fp_model) if predictor.fp_model is not None else 0
     )
-    batches = [min(b, 64 if args.tiny else 1024) for b in score_batches(args)]
     val_cpm = getattr(predictor.detector, "validation_cpm_", None)  # chose the NMS radius
     row = {
         "model": name,
@@ -1370,16 +1367,24 @@ def _medical_row(
         "validation_cpm": None if val_cpm is None else float(val_cpm),
         "sensitivity_at_4fp": float(m["sensitivity_at_4fp"]),
         "active_params": params,
-        "stage1_crops_per_s": {
-            b: score_throughput(predictor.detector, {"image": crops}, b, dev)
-            for b in sorted(set(batches), reverse=True)
-        },
+        "stage1_crops_per_s": crop_rates(predictor.detector, crops, args),
     }
     predictor.detector.cpu()
     if predictor.fp_model is not None:
         predictor.fp_model.cpu()
     print(json.dumps(row), flush=True)
     return row
+
+
+def crop_rates(detector: Any, crops: Any, args: argparse.Namespace) -> dict[int, float]:
+    """Stage-1 crops per second at each scoring batch (:func:`score_throughput`; the filter
+    bank runs on every crop), largest batch first."""
+    dev = "cuda" if args.device == "cuda" else "cpu"
+    batches = {min(b, 64 if args.tiny else 1024) for b in score_batches(args)}
+    return {
+        b: score_throughput(detector, {"image": crops}, b, dev)
+        for b in sorted(batches, reverse=True)
+    }
 
 
 def heatmap_scans_per_s(
@@ -1431,17 +1436,13 @@ def run_medical_scoring_speed(args: argparse.Namespace) -> dict[str, Any]:
     crop_scans = load_prepared(tcfg, root, train[:4])
     crops = detector_samples(tcfg, crop_scans, truth.subset(train[:4]), np.random.default_rng(0))
     dev = "cuda" if args.device == "cuda" else "cpu"
-    batches = [min(b, 64 if args.tiny else 1024) for b in score_batches(args)]
     rows = []
     for name, model in (("teacher", teacher.detector), ("student", student)):
         rows.append(
             {
                 "model": name,
                 "active_params": count_active_params(model),
-                "stage1_crops_per_s": {
-                    b: score_throughput(model, {"image": crops["image"]}, b, dev)
-                    for b in sorted(set(batches), reverse=True)
-                },
+                "stage1_crops_per_s": crop_rates(model, crops["image"], args),
                 "scans_per_s": heatmap_scans_per_s(
                     model, scans, tcfg, args.medical_scoring_batch, dev
                 ),
