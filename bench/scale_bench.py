@@ -1325,6 +1325,20 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
     d, n = (8, 1) if args.tiny else (args.medical_student_d, 2)
     for stage in (s.detector, s.fp_reduction):
         stage.backbone = dense_student_model(stage.backbone, d, n)
+    if getattr(args, "medical_student_stem", None):
+        s.detector.stem_channels = int(args.medical_student_stem)
+    if getattr(args, "medical_student_full_attention", False):
+        b = s.detector.backbone
+        s.detector.backbone = dataclasses.replace(
+            b, attention=dataclasses.replace(b.attention, top_k=None)
+        )
+    if getattr(args, "medical_student_patch", None):
+        p = int(args.medical_student_patch)
+        if any(c % p for c in s.detector.crop_zyx):
+            raise SystemExit(
+                f"--medical-student-patch {p} must divide the crop {s.detector.crop_zyx}"
+            )
+        s.detector.patch_zyx = (p, p, p)
     return t, s
 
 
@@ -1462,6 +1476,12 @@ def run_medical_scoring_speed(args: argparse.Namespace) -> dict[str, Any]:
         f"{tuple(tcfg.detector.infer_stride_zyx or tcfg.detector.stride_zyx)}, "
         f"tta_flips {tcfg.detector.tta_flips}",
         "student": "untrained, the architecture of the distilled / scratch students",
+        "student_detector": {
+            "d_model": scfg.detector.backbone.d_model,
+            "stem_channels": scfg.detector.stem_channels,
+            "patch_zyx": list(scfg.detector.patch_zyx),
+            "attention_top_k": scfg.detector.backbone.attention.top_k,
+        },
         "teacher_dir": args.medical_teacher_dir,
         "machine": machine(),
     }
@@ -1562,6 +1582,13 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "minutes_per_model": args.medical_minutes,
         "teacher_dir": args.medical_teacher_dir,
+        "student_detector": {
+            "d_model": scfg.detector.backbone.d_model,
+            "n_layers": scfg.detector.backbone.n_layers,
+            "stem_channels": scfg.detector.stem_channels,
+            "patch_zyx": list(scfg.detector.patch_zyx),
+            "attention_top_k": scfg.detector.backbone.attention.top_k,
+        },
         "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
         "machine": machine(),
         "seed": args.seed,
@@ -2311,6 +2338,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the value is a legacy name) or 3 (3 mm, 24^3 crops, cheaper on a CPU)",
     )
     ap.add_argument("--medical-student-d", type=int, default=32)
+    ap.add_argument(
+        "--medical-student-stem",
+        type=int,
+        default=None,
+        help="dense: the student's stem channels (default: the teacher's)",
+    )
+    ap.add_argument(
+        "--medical-student-full-attention",
+        action="store_true",
+        help="dense: the student's attention keeps every key (top_k None: one fused SDPA "
+        "call) instead of the teacher's top-k graph (a logits pass, topk and a masked SDPA)",
+    )
+    ap.add_argument(
+        "--medical-student-patch",
+        type=int,
+        default=None,
+        help="dense: the student's patch edge in voxels, dividing the crop (default: the "
+        "teacher's; 6 on 36^3 crops gives 216 tokens instead of 729)",
+    )
     ap.add_argument(
         "--medical-scoring-only",
         action="store_true",

@@ -22,6 +22,7 @@ sub-voxel positions, then a greedy NMS in world mm.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,11 +121,42 @@ class FilterBank(nn.Module):
     @torch.no_grad()
     def forward(self, x_B1ZYX: torch.Tensor) -> torch.Tensor:
         x = x_B1ZYX.float()
+        eigs = _compiled_hessian_eigs() if x.is_cuda else self._hessian_eigs
         out = [x]
         for i, s in enumerate(self.sigmas):
             g = self._smooth(x, getattr(self, f"g{i}"))
-            out += [g, self._hessian_eigs(g) * (s * s)]
+            out += [g, eigs(g) * (s * s)]
         return torch.cat(out, dim=1)
+
+
+_COMPILED_EIGS: Any = None  # None: not tried yet; False: compiling failed, stay eager
+
+
+def _compiled_hessian_eigs() -> Any:
+    """:meth:`FilterBank._hessian_eigs` compiled once per process (dynamic shapes: scans
+    differ in size), for CUDA, where eagerly its ~60 elementwise ops each make a pass over
+    the whole volume; fused, it reads the smoothed volume once. On an H200 the bank was
+    the largest part of scoring a scan that teacher and student share (BENCHMARKS.md,
+    issue #6). The eager method stays the reference and the CPU path, and is used if
+    compiling fails."""
+    global _COMPILED_EIGS
+    if _COMPILED_EIGS is None:
+        _COMPILED_EIGS = torch.compile(FilterBank._hessian_eigs, dynamic=True)
+    compiled = _COMPILED_EIGS
+
+    def eigs(g: torch.Tensor) -> torch.Tensor:
+        global _COMPILED_EIGS
+        if compiled is not False:
+            try:
+                return compiled(g)
+            except Exception as err:  # no Triton / inductor on this machine
+                warnings.warn(
+                    f"compiled Hessian eigenvalues failed ({err!r}); eager instead", stacklevel=2
+                )
+                _COMPILED_EIGS = False
+        return FilterBank._hessian_eigs(g)
+
+    return eigs
 
 
 class DenseHeatmapModel(TaskModule):
@@ -396,6 +428,40 @@ def _importance_1d(n: int) -> np.ndarray:
     return np.maximum(np.exp(-0.5 * (x / (0.25 * n)) ** 2), 1e-3)
 
 
+def occupied_window_starts(
+    vol_ZYX: torch.Tensor, crop_zyx: Sequence[int], stride_zyx: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """Starts ``(z, y, x)`` of the windows (:func:`window_starts` per axis, z-major) that hold
+    at least one voxel > 0; prepared images are 0 outside the lung field, so the others
+    score 0 without running the model.
+
+    Counted on the volume's device with a summed-volume table (each window's count is 8
+    lookups), so only one small vector leaves the GPU instead of the whole mask, and no
+    Python loop touches the voxels. ``vol_ZYX`` must be at least ``crop`` on every axis.
+    """
+    crop = [int(c) for c in crop_zyx]
+    occ = (vol_ZYX > 0).to(torch.int32)
+    table = F.pad(occ.cumsum(0).cumsum(1).cumsum(2), (1, 0, 1, 0, 1, 0))
+    axes = [
+        torch.as_tensor(window_starts(n, c, int(s)), device=vol_ZYX.device)
+        for n, c, s in zip(vol_ZYX.shape, crop, stride_zyx, strict=True)
+    ]
+    a, b, c = (t.reshape(-1) for t in torch.meshgrid(*axes, indexing="ij"))
+    A, B, C = a + crop[0], b + crop[1], c + crop[2]
+    count = (
+        table[A, B, C]
+        - table[a, B, C]
+        - table[A, b, C]
+        - table[A, B, c]
+        + table[a, b, C]
+        + table[a, B, c]
+        + table[A, b, c]
+        - table[a, b, c]
+    )
+    keep = torch.stack([a, b, c], dim=1)[count > 0].cpu().tolist()
+    return [(int(z), int(y), int(x)) for z, y, x in keep]
+
+
 @torch.no_grad()
 def sliding_window_dense(
     model: DenseHeatmapModel,
@@ -404,6 +470,7 @@ def sliding_window_dense(
     stride_zyx: Sequence[int],
     batch_size: int = 8,
     tta_flips: bool = False,
+    accumulate: str = "auto",
 ) -> torch.Tensor:
     """Probability ``[Z, Y, X]`` (on the model's device) of a whole volume.
 
@@ -416,15 +483,26 @@ def sliding_window_dense(
     ``tta_flips``: also score the volume flipped along z, y and x (one axis at a time) and
     average the four maps, each flipped back. Each pass runs the whole path (filter bank
     included) on the flipped scan; 4x the work.
+
+    ``accumulate``: how windows are cut out of the features and blended back. ``loop``: one
+    slice per window (a few small kernels each); ``batched``: one gather and one
+    ``index_add_`` per batch of windows, through flat voxel indices (on a GPU the per-window
+    launches are the cost; on a CPU the loop is faster); ``auto``: batched on CUDA, loop
+    elsewhere. Both give the same map up to float summation order (tested).
     """
+    if accumulate not in ("auto", "loop", "batched"):
+        raise ValueError(f"accumulate must be auto, loop or batched, got {accumulate!r}")
     if tta_flips:
-        maps = [sliding_window_dense(model, image_ZYX, crop_zyx, stride_zyx, batch_size)]
+
+        def one(img: Any) -> torch.Tensor:
+            return sliding_window_dense(
+                model, img, crop_zyx, stride_zyx, batch_size, accumulate=accumulate
+            )
+
+        maps = [one(image_ZYX)]
         vol_ZYX = torch.as_tensor(image_ZYX)
         for axis in range(3):
-            flipped = vol_ZYX.flip(axis).contiguous()
-            maps.append(
-                sliding_window_dense(model, flipped, crop_zyx, stride_zyx, batch_size).flip(axis)
-            )
+            maps.append(one(vol_ZYX.flip(axis).contiguous()).flip(axis))
         return torch.stack(maps).mean(0)
     device = next(model.parameters()).device
     model.eval()
@@ -440,26 +518,38 @@ def sliding_window_dense(
     w_ZYX = torch.as_tensor(w, dtype=torch.float32, device=device)
     acc = torch.zeros(shape, dtype=torch.float32, device=device)
     wsum = torch.zeros(shape, dtype=torch.float32, device=device)
-    occupied = (vol > 0).cpu().numpy()  # prepared images are 0 outside the lung field
-    starts = [
-        (a, b, c)
-        for a in window_starts(shape[0], crop[0], int(stride_zyx[0]))
-        for b in window_starts(shape[1], crop[1], int(stride_zyx[1]))
-        for c in window_starts(shape[2], crop[2], int(stride_zyx[2]))
-        if occupied[a : a + crop[0], b : b + crop[1], c : c + crop[2]].any()
-    ]
+    starts = occupied_window_starts(vol, crop, stride_zyx)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
         else torch.autocast("cpu", enabled=False)
     )
+    batched = accumulate == "batched" or (accumulate == "auto" and device.type == "cuda")
+    if batched:
+        # flat index of every voxel of a window starting at the origin; window (a, b, c)
+        # adds a*Y*X + b*X + c
+        _, Y, X = shape
+        axes = [torch.arange(n, device=device) for n in crop]
+        offs_N = (axes[0][:, None, None] * (Y * X) + axes[1][None, :, None] * X + axes[2]).view(-1)
+        # channel-last, so one row gather gives the layout the stem's pointwise layers read
+        feats_VK = feats.reshape(feats.shape[0], -1).t().contiguous()
+        w_N = w_ZYX.reshape(-1)
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
-        f = torch.stack(
-            [feats[:, a : a + crop[0], b : b + crop[1], c : c + crop[2]] for a, b, c in chunk]
-        )
+        if batched:
+            base_B = torch.tensor([a * Y * X + b * X + c for a, b, c in chunk], device=device)
+            idx_BN = base_B[:, None] + offs_N
+            f = feats_VK[idx_BN.view(-1)].view(len(chunk), *crop, -1).permute(0, 4, 1, 2, 3)
+        else:
+            f = torch.stack(
+                [feats[:, a : a + crop[0], b : b + crop[1], c : c + crop[2]] for a, b, c in chunk]
+            )
         with autocast:
             prob = torch.sigmoid(model({"features": f}).float())
+        if batched:
+            acc.view(-1).index_add_(0, idx_BN.view(-1), (prob.view(len(chunk), -1) * w_N).view(-1))
+            wsum.view(-1).index_add_(0, idx_BN.view(-1), w_N.expand(len(chunk), -1).reshape(-1))
+            continue
         for k, (a, b, c) in enumerate(chunk):
             box = (slice(a, a + crop[0]), slice(b, b + crop[1]), slice(c, c + crop[2]))
             acc[box] += prob[k] * w_ZYX

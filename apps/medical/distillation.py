@@ -20,7 +20,9 @@ crop's voxels (``position_reduction="sum"``) so it has the scale of the CenterNe
 validation part of the training series, as :func:`apps.medical.training.fit_dense_detector`
 does.
 
-Teacher and student must use the same crop and patch sizes per stage (same tokens).
+Teacher and student must use the same crop sizes per stage, and the same patch sizes
+(same tokens) except for a dense student without hidden-state matching, whose per-voxel
+target does not depend on its tokens.
 No MLflow here.
 """
 
@@ -63,7 +65,9 @@ def stage_distill_configs(
     )
 
 
-def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig) -> None:
+def _check_teacher(
+    teacher: NoduleDetector, cfg: MedicalConfig, d1: DistillConfig | None = None
+) -> None:
     if not isinstance(teacher, NoduleDetector):
         raise MedicalDataError(
             f"the teacher must be a NoduleDetector, got {type(teacher).__name__}"
@@ -77,10 +81,14 @@ def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig) -> None:
         )
     pairs = [
         ("detector.crop_zyx", tc.detector.crop_zyx, cfg.detector.crop_zyx),
-        ("detector.patch_zyx", tc.detector.patch_zyx, cfg.detector.patch_zyx),
         ("spacing_zyx", tc.spacing_zyx, cfg.spacing_zyx),
         ("window_hu", tc.window_hu, cfg.window_hu),
     ]
+    # A dense student learns the teacher's per-voxel map, which has the crop's shape
+    # whatever the patch, so it may use coarser tokens (fewer, cheaper); per-token targets
+    # (the token detector) and hidden-state matching need the same tokens on both sides.
+    if cfg.detector.kind != "dense" or (d1 is not None and d1.hidden_weight > 0):
+        pairs.append(("detector.patch_zyx", tc.detector.patch_zyx, cfg.detector.patch_zyx))
     if cfg.fp_reduction.enabled and teacher.fp_model is not None:
         pairs += [
             ("fp_reduction.crop_zyx", tc.fp_reduction.crop_zyx, cfg.fp_reduction.crop_zyx),
@@ -181,8 +189,8 @@ def distill_fit_predictor(
     split's training UIDs), for callers that hold them, since preparing them again costs
     more than a short distillation run; checked against the split.
     """
-    _check_teacher(teacher, cfg)
     d1, d2 = stage_distill_configs(distill_cfg)
+    _check_teacher(teacher, cfg, d1)
     root = ensure_dataset(cfg.data)
     truth = read_truth(root)
     train_uids, held = split_series(

@@ -264,3 +264,64 @@ def test_scoring_batch_defaults_to_the_training_batch_and_is_validated():
     assert cfg.detector.scoring_batch_size == 128
     with pytest.raises(MedicalDataError, match="infer_batch_size=0"):
         MedicalConfig.from_dict({"detector": {"infer_batch_size": 0}})
+
+
+def test_batched_window_accumulation_equals_the_per_window_loop():
+    """The GPU path (one gather and one index_add_ per batch of windows) against the
+    readable per-window loop, on the CPU: same heat map, with and without TTA, with a last
+    batch shorter than the others and windows overlapping unevenly at the far faces."""
+    model = _tiny_model().eval()
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    args = ((12, 12, 12), (8, 8, 8), 4)  # 2 x 3 x 3 = 18 windows: the last batch holds 2
+    for tta in (False, True):
+        loop = sliding_window_dense(model, scan.image, *args, tta_flips=tta, accumulate="loop")
+        fast = sliding_window_dense(model, scan.image, *args, tta_flips=tta, accumulate="batched")
+        assert fast.shape == loop.shape == scan.image.shape
+        assert torch.allclose(fast, loop, atol=1e-6), (fast - loop).abs().max()
+    with pytest.raises(ValueError, match="accumulate"):
+        sliding_window_dense(model, scan.image, *args, accumulate="fast")
+
+
+def test_occupied_window_starts_match_a_direct_scan_of_every_window():
+    """The summed-volume count keeps exactly the windows holding a voxel > 0, in z-major
+    order, including windows whose only occupied voxel sits on a face or a corner."""
+    from apps.medical.dense import occupied_window_starts
+    from apps.medical.model import window_starts
+
+    rng = np.random.default_rng(3)
+    vol = np.zeros((21, 26, 30), np.float32)
+    vol[rng.random(vol.shape) < 0.002] = 1.0
+    vol[0, 0, 0] = vol[20, 25, 29] = 0.5  # the first and last voxels
+    crop, stride = (8, 8, 8), (6, 7, 5)
+    want = [
+        (a, b, c)
+        for a in window_starts(21, 8, 6)
+        for b in window_starts(26, 8, 7)
+        for c in window_starts(30, 8, 5)
+        if vol[a : a + 8, b : b + 8, c : c + 8].any()
+    ]
+    got = occupied_window_starts(torch.from_numpy(vol), crop, stride)
+    assert got == want
+    n_all = (
+        len(window_starts(21, 8, 6)) * len(window_starts(26, 8, 7)) * len(window_starts(30, 8, 5))
+    )
+    assert 0 < len(want) < n_all  # some windows are empty, so the test can tell
+    assert occupied_window_starts(torch.zeros(8, 8, 8), crop, stride) == []
+
+
+def test_filter_bank_falls_back_to_eager_eigenvalues_when_compiling_fails(monkeypatch):
+    """The CUDA path compiles the Hessian eigenvalues; where compiling fails (no Triton,
+    no compiler) the eager reference is used, with a warning, and the result is the same."""
+    import apps.medical.dense as dense
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no inductor here")
+
+    monkeypatch.setattr(dense, "_COMPILED_EIGS", lambda g: broken())
+    g = torch.randn(1, 1, 6, 7, 8)
+    with pytest.warns(UserWarning, match="eager instead"):
+        got = dense._compiled_hessian_eigs()(g)
+    torch.testing.assert_close(got, dense.FilterBank._hessian_eigs(g), rtol=0, atol=0)
+    assert dense._COMPILED_EIGS is False  # not tried again
+    again = dense._compiled_hessian_eigs()(g)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)

@@ -151,3 +151,17 @@ def test_dense_student_voxel_logits_track_the_dense_teacher(teacher_setup) -> No
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     with pytest.raises(MedicalDataError, match="both must be 'token' or both 'dense'"):
         distill_fit_predictor(scfg, token_teacher)
+
+    # coarser student tokens: the voxel target has the crop's shape whatever the patch
+    coarse = _dense(_student(cfg))
+    coarse.detector.patch_zyx = tuple(2 * p for p in dc.patch_zyx)
+    coarse.detector.trainer.max_epochs = 1
+    res = distill_fit_predictor(coarse, teacher, {"alpha": 1.0})
+    with torch.no_grad():
+        c_logit = res.predictor.detector.eval()(dict(batch))
+    assert c_logit.shape == t_logit.shape and torch.isfinite(c_logit).all()
+    # ... but hidden-state matching compares tokens, so it needs the same ones
+    with pytest.raises(MedicalDataError, match="detector.patch_zyx"):
+        distill_fit_predictor(
+            coarse, teacher, {"alpha": 1.0, "hidden_weight": 1.0, "layer_map": {1: 1}}
+        )
