@@ -165,3 +165,22 @@ def test_dense_student_voxel_logits_track_the_dense_teacher(teacher_setup) -> No
         distill_fit_predictor(
             coarse, teacher, {"alpha": 1.0, "hidden_weight": 1.0, "layer_map": {1: 1}}
         )
+
+
+def test_shipped_student_config_fits_the_bench_teacher() -> None:
+    """``configs/student.yaml`` is the synthetic_bench detector with a small backbone: it
+    reads the teacher's crops, grid and filter bank (so distillation accepts the pair), has
+    at least 4x fewer active parameters, and keeps every key (full attention)."""
+    from apps.medical.config import MedicalConfig
+    from apps.medical.distillation import _check_teacher, stage_distill_configs
+    from apps.medical.predictor import build_detector
+    from core.distill import count_active_params
+
+    tcfg, scfg = MedicalConfig.named("synthetic_bench"), MedicalConfig.named("student")
+    teacher = NoduleDetector(tcfg, build_detector(tcfg), None)
+    d1, _ = stage_distill_configs({"alpha": 0.7, "temperature": 0.5})
+    _check_teacher(teacher, scfg, d1)
+    ratio = count_active_params(teacher.detector) / count_active_params(build_detector(scfg))
+    assert ratio >= 4.0, ratio
+    assert scfg.detector.backbone.attention.top_k is None
+    assert (scfg.detector.crop_zyx, scfg.spacing_zyx) == (tcfg.detector.crop_zyx, tcfg.spacing_zyx)
