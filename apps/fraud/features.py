@@ -15,6 +15,8 @@ Families (``w`` in ``windows_days``; prefixes ``card_`` / ``terminal_``):
 * ``card_hours_since_prev``: hours since the card's previous transaction (capped)
 * ``card_amount_ratio_{r}d``: amount / mean of the card's OTHER transactions in (t - r, t]
 * ``{p}_risk_{w}d``, ``{p}_labelled_{w}d``: delayed fraud rate and labelled count
+* ``{p}_days_since_fraud`` (``risk_recency``): days from ``t - delay`` back to the last
+  fraud known then, capped at ``recency_cap_days``
 * ``amount``, ``amount_log1p``, ``hour``, ``is_night``, ``is_weekend`` (calendar times only)
 * the schema's numeric columns (nulls filled with the training mean) and categorical
   columns as integer codes (0 = unseen or null, so cardinality = vocabulary + 1).
@@ -60,6 +62,8 @@ class FeatureConfig(YamlConfig):
     card_features: bool = True
     terminal_features: bool = True
     calendar_features: bool = True
+    risk_recency: bool = False
+    recency_cap_days: float = 60.0
 
     def __post_init__(self) -> None:
         self.windows_days = tuple(int(w) for w in self.windows_days)
@@ -76,6 +80,10 @@ class FeatureConfig(YamlConfig):
             raise FraudConfigError(
                 f"features.label_delay_days must be >= 0, got {self.label_delay_days}"
             )
+        if not self.recency_cap_days > 0:
+            raise FraudConfigError(
+                f"features.recency_cap_days must be > 0, got {self.recency_cap_days}"
+            )
         if self.ratio_window_days < 1 or self.max_gap_days <= 0:
             raise FraudConfigError("features.ratio_window_days >= 1 and max_gap_days > 0 required")
         if len(self.night_hours) != 2 or not all(0 <= h <= 23 for h in self.night_hours):
@@ -89,6 +97,8 @@ class FeatureConfig(YamlConfig):
         for one 21-day split) to save time; earlier rows cannot change the result."""
         windows = [*self.windows_days, self.ratio_window_days, self.max_gap_days]
         windows.append(self.label_delay_days + max(self.risk_windows_days, default=0))
+        if self.risk_recency:
+            windows.append(self.label_delay_days + self.recency_cap_days)
         return float(max(windows))
 
 
@@ -206,6 +216,37 @@ def delayed_label_rates(
     return pl.DataFrame(cols)
 
 
+def delayed_fraud_recency(
+    frame: pl.DataFrame, key: str, label: str, delay_days: float, cap_days: float, prefix: str
+) -> pl.DataFrame:
+    """Per row: days from ``t - delay`` back to ``key``'s last fraud at or before
+    ``t - delay`` (``{prefix}_days_since_fraud``), ``cap_days`` when there is none within
+    the cap. Labels after ``t - delay`` are never read (an as-of join on fraud times).
+
+    Why, beside the windowed rates: the handbook simulator makes a compromised terminal's
+    transactions fraud for 28 days. A terminal whose delayed 7-day rate is 1.0 may still be
+    compromised or may have been cleaned days ago; how long ago its last known fraud was
+    tells the two apart, which a rate over a fixed window does not. ``frame`` must be
+    sorted by ``_ts`` and have ``__idx``; the result is in ``frame``'s row order.
+    """
+    frauds = (
+        frame.filter(pl.col(label) == 1)
+        .select(key, pl.col(TS).alias("__ft"))
+        .unique()
+        .sort(["__ft", key])
+    )
+    delay = pl.duration(microseconds=round(delay_days * _US_PER_DAY))
+    left = frame.select(_IDX, key, (pl.col(TS) - delay).alias("__q"))
+    joined = left.join_asof(
+        frauds, left_on="__q", right_on="__ft", by=key, strategy="backward", check_sortedness=False
+    )
+    days = (pl.col("__q") - pl.col("__ft")).dt.total_microseconds() / _US_PER_DAY
+    name = f"{prefix}_days_since_fraud"
+    return joined.select(
+        _IDX, days.fill_null(cap_days).clip(upper_bound=cap_days).cast(pl.Float64).alias(name)
+    )
+
+
 class FeatureBuilder:
     """Causal per-card / per-terminal features (scikit-learn contract).
 
@@ -276,6 +317,8 @@ class FeatureBuilder:
             numeric += [
                 f"{p}_{s}_{w}d" for w in cfg.risk_windows_days for s in ("risk", "labelled")
             ]
+            if cfg.risk_recency:
+                numeric.append(f"{p}_days_since_fraud")
         numeric += list(schema.numeric_columns)
         names = numeric + list(schema.categorical_columns)
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -367,6 +410,11 @@ class FeatureBuilder:
                 s, col, label, cfg.label_delay_days, cfg.risk_windows_days, _prefix(schema, col)
             )
             out = out.join(rates, on=_IDX, how="left")
+            if cfg.risk_recency:
+                recency = delayed_fraud_recency(
+                    s, col, label, cfg.label_delay_days, cfg.recency_cap_days, _prefix(schema, col)
+                )
+                out = out.join(recency, on=_IDX, how="left")
         out = out.sort(_IDX)
         return out.select(
             *[pl.col(c) for c in self.key_columns_ if c in out.columns], *self.feature_columns_.all

@@ -145,17 +145,43 @@ def test_features_are_causal(synthetic_small, synthetic_schema):
     assert not fut.equals(fut_after.sort("TRANSACTION_ID"))
 
 
+def test_days_since_the_last_known_fraud_on_a_hand_built_frame(tmp_path):
+    """Terminal 10's frauds are rows 2 (01-01 12:00) and 5 (01-09); delay 1 day. Only row 5
+    knows one: at 01-08 00:00 the last fraud was 6.5 days earlier. Row 5's own fraud and
+    row 3's view (01-01 00:00, before the 12:00 fraud) stay unseen; none = the cap."""
+    frame, schema = _tiny(tmp_path)
+    for cap, want5 in ((60.0, 6.5), (5.0, 5.0)):
+        cfg = FeatureConfig(
+            windows_days=(1,),
+            label_delay_days=1.0,
+            risk_windows_days=(1, 7),
+            risk_recency=True,
+            recency_cap_days=cap,
+        )
+        fb = FeatureBuilder(schema, cfg).fit(frame)
+        assert "terminal_days_since_fraud" in fb.feature_columns_.numeric
+        got = fb.transform(frame).get_column("terminal_days_since_fraud").to_list()
+        assert got == pytest.approx([cap, cap, cap, cap, cap, want5, cap])
+        assert cfg.history_days() >= 1.0 + cap
+    assert (
+        "terminal_days_since_fraud"
+        not in FeatureBuilder(schema, CFG).fit(frame).feature_columns_.numeric
+    )
+    with pytest.raises(FraudConfigError, match="recency_cap_days"):
+        FeatureConfig(recency_cap_days=0)
+
+
 def test_no_label_after_t_minus_delay_influences_the_feature_at_t(
     synthetic_small, synthetic_schema
 ):
     _, path = synthetic_small
     frame = load_transactions(path, synthetic_schema)
-    cfg = FeatureConfig(label_delay_days=7.0, risk_windows_days=(1, 7, 30))
+    cfg = FeatureConfig(label_delay_days=7.0, risk_windows_days=(1, 7, 30), risk_recency=True)
     fb = FeatureBuilder(synthetic_schema, cfg).fit(frame)
     base = fb.transform(frame)
     features = fb.feature_columns_.all
-    risk_cols = [c for c in features if "_risk_" in c or "_labelled_" in c]
-    assert len(risk_cols) == 6
+    risk_cols = [c for c in features if "_risk_" in c or "_labelled_" in c or "since_fraud" in c]
+    assert len(risk_cols) == 7
     rng = np.random.default_rng(0)
     ts = frame.get_column(TS)
     informative = np.flatnonzero(base.get_column("terminal_labelled_30d").to_numpy() > 0)
