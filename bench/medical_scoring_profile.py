@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import tempfile
@@ -32,14 +31,16 @@ from bench.common import machine, time_fn
 
 
 def _student_spec(text: str) -> dict[str, int]:
-    """``d32,s8,p4`` -> d_model 32, stem 8 channels, patch 4; ``k0`` adds full attention
-    (top_k None), ``kN`` top-k N (default: the teacher's)."""
+    """``d32,s8,p4`` -> d_model 32, stem 8 channels, patch 4 (top-k attention as the
+    teacher); ``d32,s8,p4,k0``: the same with full attention (top_k None)."""
     keys = {"d": "d", "s": "stem", "p": "patch", "k": "top_k"}
     out = {}
     for part in text.split(","):
         if not part or part[0] not in keys or not part[1:].isdigit():
             raise argparse.ArgumentTypeError(f"student spec {text!r}: expected like d32,s8,p4")
         out[keys[part[0]]] = int(part[1:])
+    if out.get("top_k", 0) != 0 or not {"d", "stem", "patch"} <= set(out):
+        raise argparse.ArgumentTypeError(f"student spec {text!r}: expected like d32,s8,p4[,k0]")
     return out
 
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from apps.medical.data import load_prepared, read_truth, split_series
     from apps.medical.predictor import NoduleDetector, build_detector
-    from bench.scale_bench import dense_student_model
+    from bench.scale_bench import dense_student_model, reshape_dense_student
 
     teacher = NoduleDetector.load(Path(args.teacher_dir))
     cfg = teacher.config
@@ -192,16 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.students:
         scfg = copy.deepcopy(cfg)
         scfg.detector.backbone = dense_student_model(scfg.detector.backbone, spec["d"], 2)
-        scfg.detector.stem_channels = spec["stem"]
-        scfg.detector.patch_zyx = (spec["patch"],) * 3
+        full = spec.get("top_k", 1) == 0
+        reshape_dense_student(scfg.detector, spec["stem"], spec["patch"], full_attention=full)
         name = f"student_d{spec['d']}_stem{spec['stem']}_patch{spec['patch']}"
-        if "top_k" in spec:
-            b = scfg.detector.backbone
-            top_k = spec["top_k"] or None
-            scfg.detector.backbone = dataclasses.replace(
-                b, attention=dataclasses.replace(b.attention, top_k=top_k)
-            )
-            name += f"_topk{top_k}"
+        if full:
+            name += "_topkNone"
         rows.append(
             profile_model(name, build_detector(scfg), scans, cfg.detector, args.batch, args.device)
         )

@@ -1325,21 +1325,45 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
     d, n = (8, 1) if args.tiny else (args.medical_student_d, 2)
     for stage in (s.detector, s.fp_reduction):
         stage.backbone = dense_student_model(stage.backbone, d, n)
-    if getattr(args, "medical_student_stem", None):
-        s.detector.stem_channels = int(args.medical_student_stem)
-    if getattr(args, "medical_student_full_attention", False):
-        b = s.detector.backbone
-        s.detector.backbone = dataclasses.replace(
+    reshape_dense_student(
+        s.detector,
+        stem=getattr(args, "medical_student_stem", None),
+        patch=getattr(args, "medical_student_patch", None),
+        full_attention=getattr(args, "medical_student_full_attention", False),
+    )
+    return t, s
+
+
+def reshape_dense_student(
+    det: Any, stem: int | None = None, patch: int | None = None, full_attention: bool = False
+) -> None:
+    """In place, on a detector config: ``stem`` channels, ``patch`` edge (must divide the
+    crop), and ``full_attention`` (``top_k`` None: every key, one fused attention call);
+    ``None`` / ``False`` keep what ``det`` has."""
+    if stem:
+        det.stem_channels = int(stem)
+    if full_attention:
+        b = det.backbone
+        det.backbone = dataclasses.replace(
             b, attention=dataclasses.replace(b.attention, top_k=None)
         )
-    if getattr(args, "medical_student_patch", None):
-        p = int(args.medical_student_patch)
-        if any(c % p for c in s.detector.crop_zyx):
-            raise SystemExit(
-                f"--medical-student-patch {p} must divide the crop {s.detector.crop_zyx}"
-            )
-        s.detector.patch_zyx = (p, p, p)
-    return t, s
+    if patch:
+        p = int(patch)
+        if any(c % p for c in det.crop_zyx):
+            raise SystemExit(f"student patch {p} must divide the crop {tuple(det.crop_zyx)}")
+        det.patch_zyx = (p, p, p)
+
+
+def dense_student_summary(det: Any) -> dict[str, Any]:
+    """The settings that tell the bench's dense students apart, for the record."""
+    b = det.backbone
+    return {
+        "d_model": b.d_model,
+        "n_layers": b.n_layers,
+        "stem_channels": det.stem_channels,
+        "patch_zyx": list(det.patch_zyx),
+        "attention_top_k": b.attention.top_k,
+    }
 
 
 def medical_data(args: argparse.Namespace) -> Path:
@@ -1476,12 +1500,7 @@ def run_medical_scoring_speed(args: argparse.Namespace) -> dict[str, Any]:
         f"{tuple(tcfg.detector.infer_stride_zyx or tcfg.detector.stride_zyx)}, "
         f"tta_flips {tcfg.detector.tta_flips}",
         "student": "untrained, the architecture of the distilled / scratch students",
-        "student_detector": {
-            "d_model": scfg.detector.backbone.d_model,
-            "stem_channels": scfg.detector.stem_channels,
-            "patch_zyx": list(scfg.detector.patch_zyx),
-            "attention_top_k": scfg.detector.backbone.attention.top_k,
-        },
+        "student_detector": dense_student_summary(scfg.detector),
         "teacher_dir": args.medical_teacher_dir,
         "machine": machine(),
     }
@@ -1582,13 +1601,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "minutes_per_model": args.medical_minutes,
         "teacher_dir": args.medical_teacher_dir,
-        "student_detector": {
-            "d_model": scfg.detector.backbone.d_model,
-            "n_layers": scfg.detector.backbone.n_layers,
-            "stem_channels": scfg.detector.stem_channels,
-            "patch_zyx": list(scfg.detector.patch_zyx),
-            "attention_top_k": scfg.detector.backbone.attention.top_k,
-        },
+        "student_detector": dense_student_summary(scfg.detector),
         "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
         "machine": machine(),
         "seed": args.seed,
