@@ -213,3 +213,19 @@ def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys):
     )
     assert chosen.to_dict() == want.to_dict()
     assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_every_shipped_candidates_file_applies_to_its_base_config():
+    """Each ``configs/*_candidates.yaml`` names real config keys of the recipe it varies
+    (``ulb_*`` -> ulb.yaml, ``handbook_*`` -> handbook.yaml), so a selection run cannot
+    fail, or silently vary nothing, after a config change."""
+    from pathlib import Path
+
+    configs_dir = Path(__file__).resolve().parents[3] / "apps" / "fraud" / "configs"
+    files = sorted(configs_dir.glob("*_candidates.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        base = load_config(path.name.split("_")[0])
+        spec = load_candidates(path)
+        configs = [base.with_overrides(o) for o in spec["candidates"].values()]
+        assert len(configs) >= 2, path
