@@ -118,8 +118,7 @@ def bank_check(bank: Any, image: np.ndarray, device: str) -> dict[str, float]:
 def profile_model(
     name: str, model: Any, scans: list[Any], dc: Any, batch: int, device: str
 ) -> dict[str, Any]:
-    from apps.medical.dense import sliding_window_dense
-    from apps.medical.model import window_starts
+    from apps.medical.dense import occupied_window_starts, sliding_window_dense
     from bench.scale_bench import count_active_params
 
     model = model.to(device).eval()
@@ -143,17 +142,11 @@ def profile_model(
 
         row["filter_bank_ms_per_scan"] = time_fn(bank, warmup=1, reps=3)["median_ms"] / len(vols)
         n_windows = []
-        for s in scans:
-            shape = [max(n, c) for n, c in zip(s.image.shape, crop, strict=True)]
-            occ = s.image > 0
-            n_windows.append(
-                sum(
-                    bool(occ[a : a + crop[0], b : b + crop[1], c : c + crop[2]].any())
-                    for a in window_starts(shape[0], crop[0], int(stride[0]))
-                    for b in window_starts(shape[1], crop[1], int(stride[1]))
-                    for c in window_starts(shape[2], crop[2], int(stride[2]))
-                )
-            )
+        for v in vols:  # padded up to one crop, as scoring pads a small scan
+            shape = [max(n, c) for n, c in zip(v.shape, crop, strict=True)]
+            padded = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            padded[: v.shape[0], : v.shape[1], : v.shape[2]] = v
+            n_windows.append(len(occupied_window_starts(padded, crop, stride)))
         row["windows_per_scan"] = float(np.mean(n_windows))
         feats = model.features_of(vols[0][None, None])[0]
         f = torch.stack([feats[:, : crop[0], : crop[1], : crop[2]]] * batch)
