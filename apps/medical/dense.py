@@ -121,7 +121,7 @@ class FilterBank(nn.Module):
     @torch.no_grad()
     def forward(self, x_B1ZYX: torch.Tensor) -> torch.Tensor:
         x = x_B1ZYX.float()
-        eigs = _compiled_hessian_eigs() if x.is_cuda else self._hessian_eigs
+        eigs = _hessian_eigs_compiled if x.is_cuda else self._hessian_eigs
         out = [x]
         for i, s in enumerate(self.sigmas):
             g = self._smooth(x, getattr(self, f"g{i}"))
@@ -132,31 +132,25 @@ class FilterBank(nn.Module):
 _COMPILED_EIGS: Any = None  # None: not tried yet; False: compiling failed, stay eager
 
 
-def _compiled_hessian_eigs() -> Any:
-    """:meth:`FilterBank._hessian_eigs` compiled once per process (dynamic shapes: scans
+def _hessian_eigs_compiled(g: torch.Tensor) -> torch.Tensor:
+    """:meth:`FilterBank._hessian_eigs`, compiled once per process (dynamic shapes: scans
     differ in size), for CUDA, where eagerly its ~60 elementwise ops each make a pass over
     the whole volume; fused, it reads the smoothed volume once. On an H200 the bank was
     the largest part of scoring a scan that teacher and student share (BENCHMARKS.md,
-    issue #6). The eager method stays the reference and the CPU path, and is used if
-    compiling fails."""
+    issue #6). The eager method stays the reference and the CPU path, and is used, with a
+    warning, if compiling fails."""
     global _COMPILED_EIGS
     if _COMPILED_EIGS is None:
         _COMPILED_EIGS = torch.compile(FilterBank._hessian_eigs, dynamic=True)
-    compiled = _COMPILED_EIGS
-
-    def eigs(g: torch.Tensor) -> torch.Tensor:
-        global _COMPILED_EIGS
-        if compiled is not False:
-            try:
-                return compiled(g)
-            except Exception as err:  # no Triton / inductor on this machine
-                warnings.warn(
-                    f"compiled Hessian eigenvalues failed ({err!r}); eager instead", stacklevel=2
-                )
-                _COMPILED_EIGS = False
-        return FilterBank._hessian_eigs(g)
-
-    return eigs
+    if _COMPILED_EIGS is not False:
+        try:
+            return _COMPILED_EIGS(g)
+        except Exception as err:  # no Triton / inductor on this machine
+            warnings.warn(
+                f"compiled Hessian eigenvalues failed ({err!r}); eager instead", stacklevel=2
+            )
+            _COMPILED_EIGS = False
+    return FilterBank._hessian_eigs(g)
 
 
 class DenseHeatmapModel(TaskModule):

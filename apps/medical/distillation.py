@@ -65,9 +65,7 @@ def stage_distill_configs(
     )
 
 
-def _check_teacher(
-    teacher: NoduleDetector, cfg: MedicalConfig, d1: DistillConfig | None = None
-) -> None:
+def _check_teacher(teacher: NoduleDetector, cfg: MedicalConfig, d1: DistillConfig) -> None:
     if not isinstance(teacher, NoduleDetector):
         raise MedicalDataError(
             f"the teacher must be a NoduleDetector, got {type(teacher).__name__}"
@@ -87,7 +85,7 @@ def _check_teacher(
     # A dense student learns the teacher's per-voxel map, which has the crop's shape
     # whatever the patch, so it may use coarser tokens (fewer, cheaper); per-token targets
     # (the token detector) and hidden-state matching need the same tokens on both sides.
-    if cfg.detector.kind != "dense" or (d1 is not None and d1.hidden_weight > 0):
+    if cfg.detector.kind != "dense" or d1.hidden_weight > 0:
         pairs.append(("detector.patch_zyx", tc.detector.patch_zyx, cfg.detector.patch_zyx))
     if cfg.fp_reduction.enabled and teacher.fp_model is not None:
         pairs += [

@@ -320,8 +320,8 @@ def test_filter_bank_falls_back_to_eager_eigenvalues_when_compiling_fails(monkey
     monkeypatch.setattr(dense, "_COMPILED_EIGS", lambda g: broken())
     g = torch.randn(1, 1, 6, 7, 8)
     with pytest.warns(UserWarning, match="eager instead"):
-        got = dense._compiled_hessian_eigs()(g)
+        got = dense._hessian_eigs_compiled(g)
     torch.testing.assert_close(got, dense.FilterBank._hessian_eigs(g), rtol=0, atol=0)
     assert dense._COMPILED_EIGS is False  # not tried again
-    again = dense._compiled_hessian_eigs()(g)
+    again = dense._hessian_eigs_compiled(g)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
