@@ -262,6 +262,7 @@ def maintenance_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     student = copy.deepcopy(teacher)
     student.ensemble_size = 1  # the students are single models with either teacher
     student.model = dense_student_model(teacher.model, 16 if args.tiny else 32, n_layers=2)
+    student.distill_mixup = float(getattr(args, "maint_distill_mixup", 0.0))
     _device_trainer(teacher, args.device, args.teacher_epochs, args.precision)
     _device_trainer(student, args.device, args.student_epochs, args.precision)
     return teacher, student
@@ -297,6 +298,7 @@ def _maint_row(
     row = {
         "model": name,
         "rmse_capped": m["rmse_capped"],
+        "validation_rmse_capped": validation_rmse(predictor, data, cfg),
         "phm08_capped": m.get("phm08_capped"),
         "lead_time_median": m.get("lead_time_median"),
         "lead_detection_rate": m.get("lead_detection_rate"),
@@ -308,6 +310,27 @@ def _maint_row(
     }
     print(json.dumps(row), flush=True)
     return row | {"protocol": ev.protocol}
+
+
+def validation_rmse(predictor: Any, data: Any, cfg: Any) -> float:
+    """RMSE against the capped truth over every window of the policy-validation units (the
+    windows that chose each model's epoch; no smoothing): what recipes are compared on, since
+    the test units may not choose anything."""
+    import numpy as np
+
+    from apps.maintenance.training import split_windows
+
+    w = split_windows(predictor, data.policy, cfg.window)
+    rul, _ = predictor.model.predict_windows(w.x, w.mask)
+    truth = np.minimum(w.rul, predictor.model.rul_cap)
+    return float(np.sqrt(np.mean((np.asarray(rul, np.float64) - truth) ** 2)))
+
+
+def maint_retention_key(args: argparse.Namespace) -> str:
+    """``maintenance_student_retention``, or its ``_mixup<R>`` variant when the distilled
+    student trains with teacher-labelled mixup windows (a separate recorded comparison)."""
+    r = float(getattr(args, "maint_distill_mixup", 0.0))
+    return "maintenance_student_retention" + (f"_mixup{r:g}" if r > 0 else "")
 
 
 def maint_teacher_description(tcfg: Any, args: argparse.Namespace) -> str:
@@ -326,6 +349,7 @@ def maint_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_epochs": args.teacher_epochs,
         "student_epochs": args.student_epochs,
         "alpha": args.alpha,
+        "distill_mixup": float(getattr(args, "maint_distill_mixup", 0.0)),
         "train_stride": args.train_stride,
         "data_dir": args.data_dir,
         "tiny": args.tiny,
@@ -340,6 +364,9 @@ def maint_seed_row(rows: list[dict[str, Any]], details: dict[str, Any], wall_s: 
         "teacher_rmse": t["rmse_capped"],
         "distilled_rmse": d["rmse_capped"],
         "scratch_rmse": s["rmse_capped"],
+        "teacher_validation_rmse": t.get("validation_rmse_capped"),
+        "distilled_validation_rmse": d.get("validation_rmse_capped"),
+        "scratch_validation_rmse": s.get("validation_rmse_capped"),
         "retention": t["rmse_capped"] / d["rmse_capped"],
         "scratch_retention": t["rmse_capped"] / s["rmse_capped"],
         "distilled_beats_scratch": d["rmse_capped"] < s["rmse_capped"],
@@ -381,7 +408,7 @@ def merge_seed_runs(
     ret = [per_seed[s]["retention"] for s in seeds]
 
     def mean_of(name: str) -> float | None:
-        vals = [per_seed[s][name] for s in seeds if per_seed[s][name] is not None]
+        vals = [per_seed[s][name] for s in seeds if per_seed[s].get(name) is not None]
         return statistics.fmean(vals) if vals else None
 
     summary = {
@@ -390,6 +417,9 @@ def merge_seed_runs(
             "teacher_rmse",
             "distilled_rmse",
             "scratch_rmse",
+            "teacher_validation_rmse",
+            "distilled_validation_rmse",
+            "scratch_validation_rmse",
             "teacher_lead",
             "distilled_lead",
             "scratch_lead",
@@ -453,6 +483,7 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
         "scratch_retention": rows[0]["rmse_capped"] / rows[2]["rmse_capped"],
         "throughput": throughput_summary(rows, "windows_per_s"),
         "alpha": args.alpha,
+        "distill_mixup": scfg.distill_mixup,
         "epochs": {"teacher": args.teacher_epochs, "student": args.student_epochs},
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
         "data": "SYN sample (tiny)" if args.tiny else "C-MAPSS FD001",
@@ -469,11 +500,10 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     seed_row = maint_seed_row(rows, details, time.perf_counter() - t_run)
     details["per_seed"] = {str(args.seed): seed_row}
+    key = maint_retention_key(args)
     if not args.no_record:
-        retention, details = merge_seed_runs(
-            _recorded("scale", "maintenance_student_retention"), details
-        )
-    return {"maintenance_student_retention": (retention, details)}
+        retention, details = merge_seed_runs(_recorded("scale", key), details)
+    return {key: (retention, details)}
 
 
 def _samples_at(step: int, n: int, batch: int, steps_per_epoch: int | None = None) -> int:
@@ -2315,6 +2345,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "recipe's seed ensemble (ensemble_size members; targets = their mean prediction)",
     )
     ap.add_argument("--student-epochs", type=int, default=30)
+    ap.add_argument(
+        "--maint-distill-mixup",
+        type=float,
+        default=0.0,
+        help="teacher-labelled mixup windows per training window for the distilled "
+        "maintenance student (MaintenanceConfig.distill_mixup; recorded under "
+        "maintenance_student_retention_mixup<R>)",
+    )
     ap.add_argument("--growth-epochs", type=int, default=30)
     ap.add_argument("--grow-at", type=float, default=0.5, help="share of scratch steps")
     ap.add_argument("--growth-subset", default="fd004", help="C-MAPSS subset: fd001..fd004")

@@ -144,6 +144,9 @@ class MaintenanceConfig(YamlConfig):
     ``ensemble_size``: that many models,
     each from its own seed and with its own best epoch, averaged (:class:`RULEnsemble`; K times
     the training and scoring cost); the validation history reported is member 0's.
+    ``distill_mixup``: read only when this config is a distillation student
+    (:mod:`apps.maintenance.distillation`): that many extra windows per training window, each
+    a convex mix of two training windows, labelled by the teacher alone (0 = off).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +168,7 @@ class MaintenanceConfig(YamlConfig):
     val_max_rul: float | None = None
     rul_smoothing: int = 1
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
+    distill_mixup: float = 0.0
     pretrain_epochs: int = 0
     pretrain_mask_ratio: float = 0.3
     pretrain_lr: float = 1e-3
@@ -197,6 +201,10 @@ class MaintenanceConfig(YamlConfig):
             raise MaintenanceDataError(f"ensemble_size={self.ensemble_size}: expected >= 1")
         if self.rul_smoothing < 1:
             raise MaintenanceDataError(f"rul_smoothing={self.rul_smoothing}: expected >= 1")
+        if self.distill_mixup < 0:
+            raise MaintenanceDataError(
+                f"distill_mixup={self.distill_mixup}: expected >= 0 (0 = off)"
+            )
         if self.pretrain_epochs < 0:
             raise MaintenanceDataError(f"pretrain_epochs={self.pretrain_epochs}: expected >= 0")
 

@@ -21,6 +21,14 @@ the distillation module, so they cannot reach the student's state or checkpoints
 ensemble's active parameters (``core.distill.count_active_params``) are the sum over its
 members, which all run on every window.
 
+Teacher-labelled mixup windows (``MaintenanceConfig.distill_mixup``, off by default): the
+student also trains on windows that no engine produced, each ``lam * a + (1 - lam) * b`` of two
+training windows with the same padding (:func:`mixup_windows`), with a NaN RUL, so only the
+teacher term reads them (the task loss skips them). "Function matching" (Beyer et al., CVPR
+2022): the student learns the teacher's function between the training windows too, not only
+at the labels, which a student from scratch cannot see. Only training windows are mixed;
+validation, policy and test units never are.
+
 No MLflow here (the benchmark machine has none): ``run`` only supplies a Lightning logger.
 """
 
@@ -52,6 +60,7 @@ from apps.maintenance.training import (
     split_windows,
     time_unit_of,
 )
+from apps.maintenance.windows import WindowSet
 from core.distill import DistillConfig, SoftLabelDataset, count_active_params, distill_fit
 from core.engine import seed_everything
 from core.spec import TrainResult
@@ -111,6 +120,55 @@ def with_soft_labels(loader: DataLoader, targets: torch.Tensor, key: str) -> Dat
     return DataLoader(ds, sampler=loader.sampler, batch_size=None)
 
 
+def mixup_windows(w: WindowSet, n: int, seed: int) -> WindowSet:
+    """``n`` windows ``lam * a + (1 - lam) * b``, ``lam ~ U(0, 1)``, each mixing a random
+    training window ``a`` with a random window ``b`` of the same padding (windows early in a
+    unit's life are left-padded; mixing two different paddings would give padded steps a
+    value). RUL is NaN: no label exists for them, the teacher labels them. ``unit`` and
+    ``time`` are ``a``'s. Deterministic in ``seed``."""
+    if n < 0:
+        raise MaintenanceDataError(f"mixup_windows: n={n}, expected >= 0")
+    if n > 0 and len(w) < 2:
+        raise MaintenanceDataError("mixup_windows: needs at least 2 training windows")
+    rng = np.random.default_rng(seed)
+    a_N = rng.integers(0, len(w), size=n)
+    # a partner with the same padded-step count: group windows by it, pick within a's group
+    pad_count = w.mask.sum(axis=1)
+    order = np.argsort(pad_count, kind="stable")
+    sorted_pad = pad_count[order]
+    lo = np.searchsorted(sorted_pad, pad_count[a_N], side="left")
+    hi = np.searchsorted(sorted_pad, pad_count[a_N], side="right")
+    b_N = order[lo + (rng.random(n) * (hi - lo)).astype(np.int64)]
+    lam_N = rng.random(n).astype(np.float32)[:, None, None]
+    x = lam_N * w.x[a_N] + (1.0 - lam_N) * w.x[b_N]
+    # padded steps keep the pad value (both windows hold it there)
+    x = np.where(w.mask[a_N][:, :, None], w.x[a_N], x).astype(np.float32)
+    return WindowSet(
+        x=x,
+        mask=w.mask[a_N].copy(),
+        rul=np.full(n, np.nan, np.float32),
+        unit=w.unit[a_N],
+        time=w.time[a_N],
+        feature_names=w.feature_names,
+    )
+
+
+def with_mixup(w: WindowSet, ratio: float, seed: int) -> WindowSet:
+    """``w`` followed by ``round(ratio * len(w))`` :func:`mixup_windows` (``ratio`` 0: ``w``)."""
+    n = int(round(ratio * len(w)))
+    if n == 0:
+        return w
+    m = mixup_windows(w, n, seed)
+    return WindowSet(
+        x=np.concatenate([w.x, m.x]),
+        mask=np.concatenate([w.mask, m.mask]),
+        rul=np.concatenate([w.rul.astype(np.float32), m.rul]),
+        unit=np.concatenate([w.unit, m.unit]),
+        time=np.concatenate([w.time, m.time]),
+        feature_names=w.feature_names,
+    )
+
+
 def build_student(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
     """The student model of ``cfg`` (the same builder as ``training.fit``)."""
     return build_model(cfg, n_channels)
@@ -149,6 +207,9 @@ def distill_fit_predictor(
     student = build_student(cfg, n_channels)
     # the student config's own pretraining, as training.fit gives the same student from scratch
     pretrain_if_configured(student, cfg, w_train, cfg.seed)
+    # teacher-labelled mixup windows join the training windows after pretraining, which stays
+    # the scratch student's (equal budgets: same pretraining, same steps, same batch size)
+    w_train = with_mixup(w_train, float(getattr(cfg, "distill_mixup", 0.0)), cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = getattr(cfg, "steps_per_epoch", None)
     train_dl = batch_loader(w_train, cfg.batch_size, True, steps, g)

@@ -94,15 +94,24 @@ class RULModel(TaskModule):
         return torch.cat([self.rul_head(h_BD), self.alarm_head(h_BD)], dim=-1)  # [B, 2]
 
     def loss(self, preds: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Task loss over the windows whose RUL is known. Windows with a NaN RUL (the
+        teacher-labelled mixup windows of distillation, ``apps.maintenance.distillation``)
+        add nothing here: only the teacher term reads them. A mask, not a boolean index, so
+        the step never waits on the GPU."""
         preds = preds.float()
-        target = batch["rul"].float().clamp(max=self.rul_cap) / self.rul_cap
+        rul = batch["rul"].float()
+        known = torch.isfinite(rul)
+        w = known.float()
+        n = w.sum().clamp(min=1.0)
+        rul = torch.where(known, rul, torch.zeros_like(rul))
+        target = rul.clamp(max=self.rul_cap) / self.rul_cap
         if self.loss_kind == "huber":
-            reg = F.huber_loss(preds[:, 0], target, delta=0.1)
+            reg_B = F.huber_loss(preds[:, 0], target, delta=0.1, reduction="none")
         else:
-            reg = F.mse_loss(preds[:, 0], target)
-        fails_soon = (batch["rul"] <= self.alarm_horizon).float()
-        alarm = F.binary_cross_entropy_with_logits(preds[:, 1], fails_soon)
-        return reg + self.alarm_loss_weight * alarm
+            reg_B = F.mse_loss(preds[:, 0], target, reduction="none")
+        fails_soon = (rul <= self.alarm_horizon).float()
+        alarm_B = F.binary_cross_entropy_with_logits(preds[:, 1], fails_soon, reduction="none")
+        return ((reg_B + self.alarm_loss_weight * alarm_B) * w).sum() / n
 
     def val_metrics(self, preds: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``mse_capped`` over every window; ``se_near`` / ``frac_near``: the mean of squared

@@ -99,6 +99,22 @@ def test_tiny_ensemble_teacher_run_end_to_end() -> None:
     row = d["per_seed"]["0"]
     assert row["retention"] == pytest.approx(value)
     assert set(t["windows_per_s"]) == {256, 64}
+    # validation RMSE (policy units) per model, for choosing recipes without the test units
+    for r in d["rows"]:
+        assert 0 < r["validation_rmse_capped"] < 200
+    assert row["distilled_validation_rmse"] == dist["validation_rmse_capped"]
+    assert d["run_config"]["distill_mixup"] == 0.0
+
+
+def test_mixup_students_are_a_separate_recorded_comparison() -> None:
+    assert sb.maint_retention_key(_args()) == "maintenance_student_retention"
+    args = _args("--maint-distill-mixup", "1")
+    assert sb.maint_retention_key(args) == "maintenance_student_retention_mixup1"
+    assert sb.maint_retention_key(_args("--maint-distill-mixup", "0.5")).endswith("_mixup0.5")
+    tcfg, scfg = sb.maintenance_configs(args)
+    # only the distilled student reads it; the teacher and the scratch fit never do
+    assert scfg.distill_mixup == 1.0 and tcfg.distill_mixup == 0.0
+    assert sb.maint_run_config(args)["distill_mixup"] == 1.0
 
 
 def test_merge_seed_runs_averages_seeds_of_the_same_config() -> None:
