@@ -1555,6 +1555,20 @@ def load_medical_teacher(path: Path, tcfg: Any) -> Any:
     return teacher
 
 
+def medical_hidden_matching(args: argparse.Namespace, tcfg: Any, scfg: Any) -> dict[str, Any]:
+    """``DistillConfig`` fields for ``--medical-hidden-weight`` (empty when 0): student block
+    ``i`` of ``Ls`` matches teacher block ``round(i * Lt / Ls)`` (the output of the same share
+    of the depth; FitNets-style, through core's learned projection d_student -> d_teacher).
+    Feature imitation is what detection distillation leans on most; the heat map alone
+    carries a few peaks per crop."""
+    w = float(getattr(args, "medical_hidden_weight", 0.0))
+    if w <= 0:
+        return {}
+    ls = int(scfg.detector.backbone.n_layers)
+    lt = int(tcfg.detector.backbone.n_layers)
+    return {"hidden_weight": w, "layer_map": {i: round(i * lt / ls) for i in range(1, ls + 1)}}
+
+
 def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     """Teacher, distilled student, scratch student (same budget) of the medical detector
     (``--medical-detector``: the two-stage token detector, or the dense voxel heat map alone)
@@ -1592,6 +1606,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     say("medical: distilled student")
     t0 = time.perf_counter()
     dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature}
+    dcfg |= medical_hidden_matching(args, tcfg, scfg)
     distilled = distill_fit_predictor(scfg, teacher, dcfg, scans=scans).predictor
     t_distill = time.perf_counter() - t0
     say("medical: scratch student")
@@ -1618,6 +1633,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": throughput_summary(rows, "stage1_crops_per_s"),
         "alpha": args.alpha,
         "temperature": args.medical_temperature,
+        "hidden_matching": medical_hidden_matching(args, tcfg, scfg) or None,
         "epochs_per_stage": args.medical_epochs,
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
         "data": f"{len(truth.seriesuids)} synthetic phantoms ({root.name}), npz",
@@ -2427,6 +2443,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="the voxel KL's temperature (0.5: chosen on the validation series' CPM among"
         " 2, 1 and 0.5 in session 15; apps/medical/configs/distill.yaml)",
+    )
+    ap.add_argument(
+        "--medical-hidden-weight",
+        type=float,
+        default=0.0,
+        help="dense: weight of hidden-state matching (student block i -> teacher block "
+        "i * Lt / Ls through a learned projection; 0 = off)",
     )
     ap.add_argument(
         "--medical-teacher-dir",

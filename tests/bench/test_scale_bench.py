@@ -166,6 +166,19 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
     assert d["teacher_over_student_active_params"] >= 4
     assert 0.0 <= value
 
+    assert d["hidden_matching"] is None
+    # hidden-state matching: student block i -> teacher block i * Lt / Ls, trained end to end
+    args_h = _args(
+        *base, "--medical-teacher-dir", str(tmp_path / "teacher"), "--medical-hidden-weight", "0.5"
+    )
+    _, scfg = sb.medical_configs(args_h, sb.medical_data(args_h))
+    ls, lt = scfg.detector.backbone.n_layers, tcfg.detector.backbone.n_layers
+    want = {i: round(i * lt / ls) for i in range(1, ls + 1)}
+    assert max(want.values()) == lt
+    value_h, d_h = sb.run_medical_distill(args_h)["medical_student_retention"]
+    assert d_h["hidden_matching"] == {"hidden_weight": 0.5, "layer_map": want}
+    assert 0.0 <= value_h and d_h["rows"][1]["cpm"] >= 0.0
+
     other = NoduleDetector.load(tmp_path / "teacher")
     other.config.spacing_zyx = (4.0, 4.0, 4.0)
     other.save(tmp_path / "teacher_4mm")
