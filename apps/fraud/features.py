@@ -17,6 +17,9 @@ Families (``w`` in ``windows_days``; prefixes ``card_`` / ``terminal_``):
 * ``{p}_risk_{w}d``, ``{p}_labelled_{w}d``: delayed fraud rate and labelled count
 * ``{p}_days_since_fraud`` (``risk_recency``): days from ``t - delay`` back to the last
   fraud known then, capped at ``recency_cap_days``
+* ``{p}_fraud_episode_days`` (``risk_episode``): days from ``t - delay`` back to the first
+  fraud known then within ``episode_lookback_days`` (the lookback when there is none): how long
+  a run of frauds has gone on, which tells a compromise still under way from one over
 * ``amount``, ``amount_log1p``, ``hour``, ``is_night``, ``is_weekend`` (calendar times only)
 * the schema's numeric columns (nulls filled with the training mean) and categorical
   columns as integer codes (0 = unseen or null, so cardinality = vocabulary + 1).
@@ -64,6 +67,8 @@ class FeatureConfig(YamlConfig):
     calendar_features: bool = True
     risk_recency: bool = False
     recency_cap_days: float = 60.0
+    risk_episode: bool = False
+    episode_lookback_days: float = 30.0
 
     def __post_init__(self) -> None:
         self.windows_days = tuple(int(w) for w in self.windows_days)
@@ -84,6 +89,10 @@ class FeatureConfig(YamlConfig):
             raise FraudConfigError(
                 f"features.recency_cap_days must be > 0, got {self.recency_cap_days}"
             )
+        if not self.episode_lookback_days > 0:
+            raise FraudConfigError(
+                f"features.episode_lookback_days must be > 0, got {self.episode_lookback_days}"
+            )
         if self.ratio_window_days < 1 or self.max_gap_days <= 0:
             raise FraudConfigError("features.ratio_window_days >= 1 and max_gap_days > 0 required")
         if len(self.night_hours) != 2 or not all(0 <= h <= 23 for h in self.night_hours):
@@ -99,6 +108,8 @@ class FeatureConfig(YamlConfig):
         windows.append(self.label_delay_days + max(self.risk_windows_days, default=0))
         if self.risk_recency:
             windows.append(self.label_delay_days + self.recency_cap_days)
+        if self.risk_episode:
+            windows.append(self.label_delay_days + self.episode_lookback_days)
         return float(max(windows))
 
 
@@ -247,6 +258,49 @@ def delayed_fraud_recency(
     )
 
 
+def delayed_fraud_episode(
+    frame: pl.DataFrame, key: str, label: str, delay_days: float, lookback_days: float, prefix: str
+) -> pl.DataFrame:
+    """Per row: days from ``t - delay`` back to ``key``'s FIRST fraud in
+    ``[t - delay - lookback, t - delay]`` (``{prefix}_fraud_episode_days``), ``lookback_days``
+    when there is none. Labels after ``t - delay`` are never read (a forward as-of join from
+    ``t - delay - lookback``, kept only when that fraud is at or before ``t - delay``).
+
+    Why, beside :func:`delayed_fraud_recency`: while a terminal is compromised its last known
+    fraud is always about ``delay`` old, and it stays so for ``delay`` days after the
+    compromise ends (those labels are not in yet), so recency cannot tell the two apart. How
+    long the run of known frauds has gone on can: the handbook simulator compromises a
+    terminal for 28 days, so a run known for more than 28 - delay days has ended by ``t``.
+    The model learns that length from the training labels; nothing here assumes it.
+    ``frame`` must be sorted by ``_ts`` and have ``__idx``; the result is in ``frame``'s
+    row order.
+    """
+    frauds = (
+        frame.filter(pl.col(label) == 1)
+        .select(key, pl.col(TS).alias("__ft"))
+        .unique()
+        .sort(["__ft", key])
+    )
+    delay = pl.duration(microseconds=round(delay_days * _US_PER_DAY))
+    back = pl.duration(microseconds=round((delay_days + lookback_days) * _US_PER_DAY))
+    left = frame.select(
+        _IDX, key, (pl.col(TS) - delay).alias("__q"), (pl.col(TS) - back).alias("__from")
+    ).sort("__from")
+    joined = left.join_asof(
+        frauds,
+        left_on="__from",
+        right_on="__ft",
+        by=key,
+        strategy="forward",
+        check_sortedness=False,
+    )
+    known = pl.col("__ft") <= pl.col("__q")
+    days = (pl.col("__q") - pl.col("__ft")).dt.total_microseconds() / _US_PER_DAY
+    name = f"{prefix}_fraud_episode_days"
+    value = pl.when(known).then(days).otherwise(None).fill_null(lookback_days)
+    return joined.select(_IDX, value.cast(pl.Float64).alias(name)).sort(_IDX)
+
+
 class FeatureBuilder:
     """Causal per-card / per-terminal features (scikit-learn contract).
 
@@ -319,6 +373,8 @@ class FeatureBuilder:
             ]
             if cfg.risk_recency:
                 numeric.append(f"{p}_days_since_fraud")
+            if cfg.risk_episode:
+                numeric.append(f"{p}_fraud_episode_days")
         numeric += list(schema.numeric_columns)
         names = numeric + list(schema.categorical_columns)
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -415,6 +471,16 @@ class FeatureBuilder:
                     s, col, label, cfg.label_delay_days, cfg.recency_cap_days, _prefix(schema, col)
                 )
                 out = out.join(recency, on=_IDX, how="left")
+            if cfg.risk_episode:
+                episode = delayed_fraud_episode(
+                    s,
+                    col,
+                    label,
+                    cfg.label_delay_days,
+                    cfg.episode_lookback_days,
+                    _prefix(schema, col),
+                )
+                out = out.join(episode, on=_IDX, how="left")
         out = out.sort(_IDX)
         return out.select(
             *[pl.col(c) for c in self.key_columns_ if c in out.columns], *self.feature_columns_.all

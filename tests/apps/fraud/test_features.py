@@ -171,17 +171,77 @@ def test_days_since_the_last_known_fraud_on_a_hand_built_frame(tmp_path):
         FeatureConfig(recency_cap_days=0)
 
 
+def test_fraud_episode_days_on_a_hand_built_frame(tmp_path):
+    """Terminal 10's frauds are rows 2 (01-01 12:00) and 5 (01-09); delay 1 day. Only row 5
+    knows one (6.5 days before 01-08 00:00), within a 30-day lookback; with a 5-day lookback
+    it is out of reach, and none = the lookback."""
+    frame, schema = _tiny(tmp_path)
+    for lookback, want5 in ((30.0, 6.5), (5.0, 5.0)):
+        cfg = FeatureConfig(
+            windows_days=(1,),
+            label_delay_days=1.0,
+            risk_windows_days=(1, 7),
+            risk_episode=True,
+            episode_lookback_days=lookback,
+        )
+        fb = FeatureBuilder(schema, cfg).fit(frame)
+        assert "terminal_fraud_episode_days" in fb.feature_columns_.numeric
+        got = fb.transform(frame).get_column("terminal_fraud_episode_days").to_list()
+        assert got == pytest.approx([lookback] * 5 + [want5, lookback])
+        assert cfg.history_days() >= 1.0 + lookback
+    with pytest.raises(FraudConfigError, match="episode_lookback_days"):
+        FeatureConfig(episode_lookback_days=0)
+
+
+def test_fraud_episode_days_match_a_readable_reference(synthetic_small, synthetic_schema):
+    """The first fraud in [t - delay - lookback, t - delay] of the row's terminal, by a plain
+    loop over every fraud, against the as-of join, on the synthetic sample's rows."""
+    _, path = synthetic_small
+    frame = load_transactions(path, synthetic_schema)
+    delay, lookback = 7.0, 30.0
+    cfg = FeatureConfig(
+        label_delay_days=delay, risk_episode=True, risk_recency=True, episode_lookback_days=lookback
+    )
+    out = FeatureBuilder(synthetic_schema, cfg).fit(frame).transform(frame)
+    term, label = synthetic_schema.terminal_column, synthetic_schema.label_column
+    ts, keys, y = (frame.get_column(c).to_list() for c in (TS, term, label))
+    fraud_times: dict = {}
+    for t, k, lab in zip(ts, keys, y, strict=True):
+        if lab == 1:
+            fraud_times.setdefault(k, []).append(t)
+    got = out.get_column("terminal_fraud_episode_days").to_list()
+    since = out.get_column("terminal_days_since_fraud").to_list()
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(ts), 400, replace=False)
+    found = 0
+    for i in map(int, rows):
+        q = ts[i] - timedelta(days=delay)
+        window = [f for f in fraud_times.get(keys[i], []) if q - timedelta(days=lookback) <= f <= q]
+        want = (q - min(window)).total_seconds() / 86400 if window else lookback
+        found += bool(window)
+        assert got[i] == pytest.approx(want, abs=1e-6), (i, ts[i], keys[i])
+        assert got[i] >= min(since[i], lookback) - 1e-9  # the first fraud is never after the last
+    assert found > 20  # not vacuous: many rows see a known fraud
+    assert any(g > s + 1.0 for g, s in zip(got, since, strict=True))  # runs of several frauds
+
+
 def test_no_label_after_t_minus_delay_influences_the_feature_at_t(
     synthetic_small, synthetic_schema
 ):
     _, path = synthetic_small
     frame = load_transactions(path, synthetic_schema)
-    cfg = FeatureConfig(label_delay_days=7.0, risk_windows_days=(1, 7, 30), risk_recency=True)
+    cfg = FeatureConfig(
+        label_delay_days=7.0, risk_windows_days=(1, 7, 30), risk_recency=True, risk_episode=True
+    )
     fb = FeatureBuilder(synthetic_schema, cfg).fit(frame)
     base = fb.transform(frame)
     features = fb.feature_columns_.all
-    risk_cols = [c for c in features if "_risk_" in c or "_labelled_" in c or "since_fraud" in c]
-    assert len(risk_cols) == 7
+    risk_cols = [
+        c
+        for c in features
+        if "_risk_" in c or "_labelled_" in c or "since_fraud" in c or "episode" in c
+    ]
+    assert len(risk_cols) == 8
     rng = np.random.default_rng(0)
     ts = frame.get_column(TS)
     informative = np.flatnonzero(base.get_column("terminal_labelled_30d").to_numpy() > 0)
