@@ -203,7 +203,7 @@ def delayed_label_rates(
         left = frame.select(
             _IDX,
             key,
-            (pl.col(TS) - pl.duration(microseconds=round(offset_days * _US_PER_DAY))).alias("__q"),
+            (pl.col(TS) - _days(offset_days)).alias("__q"),
         )
         joined = left.join_asof(
             events,
@@ -227,6 +227,18 @@ def delayed_label_rates(
     return pl.DataFrame(cols)
 
 
+def _fraud_times(frame: pl.DataFrame, key: str, label: str) -> pl.DataFrame:
+    """``key`` and time (``__ft``) of every fraud, one row per key and time, sorted by time:
+    the right side of the as-of joins of the fraud-time features below."""
+    frauds = frame.filter(pl.col(label) == 1).select(key, pl.col(TS).alias("__ft"))
+    return frauds.unique().sort(["__ft", key])
+
+
+def _days(days: float) -> pl.Expr:
+    """``days`` as a polars duration (microseconds, the frames' time unit)."""
+    return pl.duration(microseconds=round(days * _US_PER_DAY))
+
+
 def delayed_fraud_recency(
     frame: pl.DataFrame, key: str, label: str, delay_days: float, cap_days: float, prefix: str
 ) -> pl.DataFrame:
@@ -240,14 +252,8 @@ def delayed_fraud_recency(
     tells the two apart, which a rate over a fixed window does not. ``frame`` must be
     sorted by ``_ts`` and have ``__idx``; the result is in ``frame``'s row order.
     """
-    frauds = (
-        frame.filter(pl.col(label) == 1)
-        .select(key, pl.col(TS).alias("__ft"))
-        .unique()
-        .sort(["__ft", key])
-    )
-    delay = pl.duration(microseconds=round(delay_days * _US_PER_DAY))
-    left = frame.select(_IDX, key, (pl.col(TS) - delay).alias("__q"))
+    frauds = _fraud_times(frame, key, label)
+    left = frame.select(_IDX, key, (pl.col(TS) - _days(delay_days)).alias("__q"))
     joined = left.join_asof(
         frauds, left_on="__q", right_on="__ft", by=key, strategy="backward", check_sortedness=False
     )
@@ -275,16 +281,12 @@ def delayed_fraud_episode(
     ``frame`` must be sorted by ``_ts`` and have ``__idx``; the result is in ``frame``'s
     row order.
     """
-    frauds = (
-        frame.filter(pl.col(label) == 1)
-        .select(key, pl.col(TS).alias("__ft"))
-        .unique()
-        .sort(["__ft", key])
-    )
-    delay = pl.duration(microseconds=round(delay_days * _US_PER_DAY))
-    back = pl.duration(microseconds=round((delay_days + lookback_days) * _US_PER_DAY))
+    frauds = _fraud_times(frame, key, label)
     left = frame.select(
-        _IDX, key, (pl.col(TS) - delay).alias("__q"), (pl.col(TS) - back).alias("__from")
+        _IDX,
+        key,
+        (pl.col(TS) - _days(delay_days)).alias("__q"),
+        (pl.col(TS) - _days(delay_days + lookback_days)).alias("__from"),
     ).sort("__from")
     joined = left.join_asof(
         frauds,

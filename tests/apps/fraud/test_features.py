@@ -145,52 +145,34 @@ def test_features_are_causal(synthetic_small, synthetic_schema):
     assert not fut.equals(fut_after.sort("TRANSACTION_ID"))
 
 
-def test_days_since_the_last_known_fraud_on_a_hand_built_frame(tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "size_field", "column"),
+    [
+        ("risk_recency", "recency_cap_days", "terminal_days_since_fraud"),
+        ("risk_episode", "episode_lookback_days", "terminal_fraud_episode_days"),
+    ],
+)
+def test_fraud_time_features_on_a_hand_built_frame(tmp_path, flag, size_field, column):
     """Terminal 10's frauds are rows 2 (01-01 12:00) and 5 (01-09); delay 1 day. Only row 5
-    knows one: at 01-08 00:00 the last fraud was 6.5 days earlier. Row 5's own fraud and
-    row 3's view (01-01 00:00, before the 12:00 fraud) stay unseen; none = the cap."""
+    knows one: at 01-08 00:00 it was 6.5 days earlier (the last and the first known fraud
+    are the same one here). Row 5's own fraud and row 3's view (01-01 00:00, before the
+    12:00 fraud) stay unseen; none within the cap / lookback = the cap / lookback."""
     frame, schema = _tiny(tmp_path)
-    for cap, want5 in ((60.0, 6.5), (5.0, 5.0)):
+    for size, want5 in ((60.0, 6.5), (5.0, 5.0)):
         cfg = FeatureConfig(
             windows_days=(1,),
             label_delay_days=1.0,
             risk_windows_days=(1, 7),
-            risk_recency=True,
-            recency_cap_days=cap,
+            **{flag: True, size_field: size},
         )
         fb = FeatureBuilder(schema, cfg).fit(frame)
-        assert "terminal_days_since_fraud" in fb.feature_columns_.numeric
-        got = fb.transform(frame).get_column("terminal_days_since_fraud").to_list()
-        assert got == pytest.approx([cap, cap, cap, cap, cap, want5, cap])
-        assert cfg.history_days() >= 1.0 + cap
-    assert (
-        "terminal_days_since_fraud"
-        not in FeatureBuilder(schema, CFG).fit(frame).feature_columns_.numeric
-    )
-    with pytest.raises(FraudConfigError, match="recency_cap_days"):
-        FeatureConfig(recency_cap_days=0)
-
-
-def test_fraud_episode_days_on_a_hand_built_frame(tmp_path):
-    """Terminal 10's frauds are rows 2 (01-01 12:00) and 5 (01-09); delay 1 day. Only row 5
-    knows one (6.5 days before 01-08 00:00), within a 30-day lookback; with a 5-day lookback
-    it is out of reach, and none = the lookback."""
-    frame, schema = _tiny(tmp_path)
-    for lookback, want5 in ((30.0, 6.5), (5.0, 5.0)):
-        cfg = FeatureConfig(
-            windows_days=(1,),
-            label_delay_days=1.0,
-            risk_windows_days=(1, 7),
-            risk_episode=True,
-            episode_lookback_days=lookback,
-        )
-        fb = FeatureBuilder(schema, cfg).fit(frame)
-        assert "terminal_fraud_episode_days" in fb.feature_columns_.numeric
-        got = fb.transform(frame).get_column("terminal_fraud_episode_days").to_list()
-        assert got == pytest.approx([lookback] * 5 + [want5, lookback])
-        assert cfg.history_days() >= 1.0 + lookback
-    with pytest.raises(FraudConfigError, match="episode_lookback_days"):
-        FeatureConfig(episode_lookback_days=0)
+        assert column in fb.feature_columns_.numeric
+        got = fb.transform(frame).get_column(column).to_list()
+        assert got == pytest.approx([size] * 5 + [want5, size])
+        assert cfg.history_days() >= 1.0 + size
+    assert column not in FeatureBuilder(schema, CFG).fit(frame).feature_columns_.numeric
+    with pytest.raises(FraudConfigError, match=size_field):
+        FeatureConfig(**{size_field: 0})
 
 
 def test_fraud_episode_days_match_a_readable_reference(synthetic_small, synthetic_schema):
