@@ -1605,8 +1605,8 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         t_teacher = time.perf_counter() - t0
     say("medical: distilled student")
     t0 = time.perf_counter()
-    dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature}
-    dcfg |= medical_hidden_matching(args, tcfg, scfg)
+    hidden = medical_hidden_matching(args, tcfg, scfg)
+    dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature, **hidden}
     distilled = distill_fit_predictor(scfg, teacher, dcfg, scans=scans).predictor
     t_distill = time.perf_counter() - t0
     say("medical: scratch student")
@@ -1633,7 +1633,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": throughput_summary(rows, "stage1_crops_per_s"),
         "alpha": args.alpha,
         "temperature": args.medical_temperature,
-        "hidden_matching": medical_hidden_matching(args, tcfg, scfg) or None,
+        "hidden_matching": hidden or None,
         "epochs_per_stage": args.medical_epochs,
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
         "data": f"{len(truth.seriesuids)} synthetic phantoms ({root.name}), npz",

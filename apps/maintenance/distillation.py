@@ -209,7 +209,7 @@ def distill_fit_predictor(
     pretrain_if_configured(student, cfg, w_train, cfg.seed)
     # teacher-labelled mixup windows join the training windows after pretraining, which stays
     # the scratch student's (equal budgets: same pretraining, same steps, same batch size)
-    w_train = with_mixup(w_train, float(getattr(cfg, "distill_mixup", 0.0)), cfg.seed)
+    w_train = with_mixup(w_train, cfg.distill_mixup, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = getattr(cfg, "steps_per_epoch", None)
     train_dl = batch_loader(w_train, cfg.batch_size, True, steps, g)
