@@ -328,9 +328,18 @@ def validation_rmse(predictor: Any, data: Any, cfg: Any) -> float:
 
 def maint_retention_key(args: argparse.Namespace) -> str:
     """``maintenance_student_retention``, or its ``_mixup<R>`` variant when the distilled
-    student trains with teacher-labelled mixup windows (a separate recorded comparison)."""
+    student trains with teacher-labelled mixup windows, and ``_colmean`` when the teacher
+    term is the plain mean over the head's columns (separate recorded comparisons)."""
     r = float(getattr(args, "maint_distill_mixup", 0.0))
-    return "maintenance_student_retention" + (f"_mixup{r:g}" if r > 0 else "")
+    key = "maintenance_student_retention" + (f"_mixup{r:g}" if r > 0 else "")
+    return key + ("_colmean" if maint_column_weights(args) else "")
+
+
+def maint_column_weights(args: argparse.Namespace) -> list[float]:
+    """``DistillConfig.column_weights`` for ``--maint-column-weights``: empty for ``task``
+    (the app fills in the student's task-loss weights), ``[0.5, 0.5]`` (the plain mean) for
+    ``mean``."""
+    return [0.5, 0.5] if getattr(args, "maint_column_weights", "task") == "mean" else []
 
 
 def maint_teacher_description(tcfg: Any, args: argparse.Namespace) -> str:
@@ -350,6 +359,7 @@ def maint_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "student_epochs": args.student_epochs,
         "alpha": args.alpha,
         "distill_mixup": float(getattr(args, "maint_distill_mixup", 0.0)),
+        "column_weights": getattr(args, "maint_column_weights", "task"),
         "train_stride": args.train_stride,
         "data_dir": args.data_dir,
         "tiny": args.tiny,
@@ -457,7 +467,9 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     t0 = time.perf_counter()
     # an ensemble teacher's targets are its mean prediction, stored before training (app docs)
-    distilled = distill_fit_predictor(scfg, teacher, {"alpha": args.alpha}, data=data).predictor
+    dcfg = {"alpha": args.alpha, "column_weights": maint_column_weights(args)}
+    dout = distill_fit_predictor(scfg, teacher, dcfg, data=data)
+    distilled = dout.predictor
     t_distill = time.perf_counter() - t0
     after = teacher.model.state_dict()
     teacher_unchanged = before.keys() == after.keys() and all(
@@ -484,6 +496,7 @@ def run_maintenance_distill(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": throughput_summary(rows, "windows_per_s"),
         "alpha": args.alpha,
         "distill_mixup": scfg.distill_mixup,
+        "teacher_column_weights": dout.distill_config.column_weights,
         "epochs": {"teacher": args.teacher_epochs, "student": args.student_epochs},
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
         "data": "SYN sample (tiny)" if args.tiny else "C-MAPSS FD001",
@@ -2368,6 +2381,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="teacher-labelled mixup windows per training window for the distilled "
         "maintenance student (MaintenanceConfig.distill_mixup; recorded under "
         "maintenance_student_retention_mixup<R>)",
+    )
+    ap.add_argument(
+        "--maint-column-weights",
+        choices=("task", "mean"),
+        default="task",
+        help="the maintenance teacher term over [RUL, alarm]: 'task' = the task loss's own "
+        "weights [1, alarm_loss_weight] (the app's default since session 18), 'mean' = the "
+        "plain mean over the two columns (before; recorded under ..._colmean)",
     )
     ap.add_argument("--growth-epochs", type=int, default=30)
     ap.add_argument("--grow-at", type=float, default=0.5, help="share of scratch steps")

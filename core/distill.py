@@ -72,6 +72,12 @@ class DistillConfig(YamlConfig):
     dense per-position heads whose task loss is a sum normalised by a few positives
     (CenterNet's focal loss): a per-voxel mean would be ~1e-5 of that loss and the teacher
     would be ignored.
+    ``column_kinds``: one kind per output column (``binary`` / ``regression``) for heads
+    whose columns are different tasks (maintenance: RUL and alarm); the teacher term is then
+    combined over columns. ``column_weights``: how: empty = the mean over columns; otherwise
+    ``sum_c w_c * term_c``. Set them to the task loss's own column weights so the teacher
+    term asks the shared layers for the same balance between the columns as the labels do
+    (a plain mean can weigh a column several times more than the task loss does).
     """
 
     alpha: float = 0.5
@@ -86,6 +92,7 @@ class DistillConfig(YamlConfig):
     sample_weight_key: str = "sample_weight"
     position_reduction: str = "mean"
     column_kinds: list[str] = field(default_factory=list)
+    column_weights: list[float] = field(default_factory=list)
     logits_key: str = "logits"
 
     def __post_init__(self) -> None:
@@ -94,6 +101,18 @@ class DistillConfig(YamlConfig):
         if bad:
             raise ValueError(
                 f"DistillConfig.column_kinds entries must be in {COLUMN_KINDS}, got {bad}"
+            )
+        self.column_weights = [float(w) for w in self.column_weights]
+        # weights may come before the kinds (an app fills its head's kinds in later)
+        n_kinds = len(self.column_kinds)
+        if self.column_weights and n_kinds and len(self.column_weights) != n_kinds:
+            raise ValueError(
+                f"DistillConfig.column_weights has {len(self.column_weights)} entries but"
+                f" column_kinds names {len(self.column_kinds)} columns"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in self.column_weights):
+            raise ValueError(
+                f"DistillConfig.column_weights must be finite and >= 0, got {self.column_weights}"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha}")
@@ -256,6 +275,11 @@ def teacher_term(
 ) -> Tensor:
     """The teacher part alone (what ``alpha`` multiplies), per ``cfg.kind`` (or per column);
     a weighted mean over rows when ``weight_B`` (one weight per row) is given."""
+    if cfg.column_weights and len(cfg.column_weights) != len(cfg.column_kinds):
+        raise KeelInputError(
+            f"column_weights {cfg.column_weights} need one column kind each, got column_kinds"
+            f" {cfg.column_kinds}"
+        )
     if cfg.column_kinds:
         C = len(cfg.column_kinds)
         if student_preds.shape[-1] != C or teacher_preds.shape != student_preds.shape:
@@ -264,16 +288,21 @@ def teacher_term(
                 f" {tuple(student_preds.shape)} and teacher predictions"
                 f" {tuple(teacher_preds.shape)} must both have {C} in the last dim"
             )
-        terms = [
-            teacher_term(
-                student_preds[..., c],
-                teacher_preds[..., c],
-                dataclasses.replace(cfg, kind=kind, column_kinds=[]),
-                weight_B,
-            )
-            for c, kind in enumerate(cfg.column_kinds)
-        ]
-        return torch.stack(terms).mean()
+        terms_C = torch.stack(
+            [
+                teacher_term(
+                    student_preds[..., c],
+                    teacher_preds[..., c],
+                    dataclasses.replace(cfg, kind=kind, column_kinds=[], column_weights=[]),
+                    weight_B,
+                )
+                for c, kind in enumerate(cfg.column_kinds)
+            ]
+        )
+        if not cfg.column_weights:
+            return terms_C.mean()
+        w_C = torch.tensor(cfg.column_weights, dtype=terms_C.dtype, device=terms_C.device)
+        return (w_C * terms_C).sum()
     kind = resolve_kind(cfg.kind, student_preds)
     if kind == "softmax":
         return soft_kl(

@@ -10,7 +10,11 @@ scaled inputs). The student's predictor stores those statistics too.
 The teacher's output is ``[RUL / cap, alarm logit]``; the soft target is per column: MSE on
 the RUL column and the tempered two-class KL on the alarm logit
 (``DistillConfig.column_kinds = ["regression", "binary"]``, set when the caller leaves
-``column_kinds`` empty).
+``column_kinds`` empty), summed with the task loss's own column weights
+(``column_weights = [1, alarm_loss_weight]`` of the student, set when left empty): the
+teacher term then asks the shared layers for the same RUL / alarm balance as the labels do.
+A plain mean over the two columns weighed the alarm 5x (fd001: 10x) more than the task loss
+does, pulling a small student's capacity from RUL towards the alarm.
 
 The teacher may be a seed ensemble (``ensemble_size > 1``, the shipped FD001/FD003 recipes).
 Its target is the ensemble's own prediction, ``[mean RUL / cap, logit of the mean alarm
@@ -68,11 +72,23 @@ from core.spec import TrainResult
 COLUMN_KINDS = ["regression", "binary"]  # RUL / cap, alarm logit
 
 
-def default_distill_config(cfg: DistillConfig | dict | None = None) -> DistillConfig:
-    """``cfg`` with the maintenance head's per-column kinds filled in when left empty."""
+def default_distill_config(
+    cfg: DistillConfig | dict | None = None, alarm_loss_weight: float | None = None
+) -> DistillConfig:
+    """``cfg`` with the maintenance head's per-column kinds filled in when left empty, and,
+    given the student's ``alarm_loss_weight``, its task-loss column weights
+    ``[1, alarm_loss_weight]`` when ``column_weights`` is left empty (explicit weights, e.g.
+    ``[0.5, 0.5]`` for the plain mean, are kept)."""
     d = cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(dict(cfg or {}))
     if not d.column_kinds:
         d = dataclasses.replace(d, column_kinds=list(COLUMN_KINDS))
+    if not d.column_weights and alarm_loss_weight is not None:
+        if len(d.column_kinds) != len(COLUMN_KINDS):
+            raise MaintenanceDataError(
+                f"column_kinds {d.column_kinds} do not match the RUL head's columns"
+                f" {COLUMN_KINDS}: give column_weights explicitly"
+            )
+        d = dataclasses.replace(d, column_weights=[1.0, float(alarm_loss_weight)])
     return d
 
 
@@ -181,6 +197,7 @@ class DistillOutput:
     known_limits: list[str]
     student_active_params: int
     teacher_active_params: int
+    distill_config: DistillConfig
 
 
 def distill_fit_predictor(
@@ -192,7 +209,6 @@ def distill_fit_predictor(
 ) -> DistillOutput:
     """Train the student of ``cfg`` against ``teacher``; choose its alarm policy on policy units."""
     _check_teacher(teacher, cfg)
-    dcfg = default_distill_config(distill_cfg)
     seed_everything(cfg.seed)
     data = data if data is not None else prepare_data(cfg)
     state = teacher.normalizer
@@ -205,6 +221,7 @@ def distill_fit_predictor(
             f" student's data gives {w_train.x.shape[2]}"
         )
     student = build_student(cfg, n_channels)
+    dcfg = default_distill_config(distill_cfg, student.alarm_loss_weight)
     # the student config's own pretraining, as training.fit gives the same student from scratch
     pretrain_if_configured(student, cfg, w_train, cfg.seed)
     # teacher-labelled mixup windows join the training windows after pretraining, which stays
@@ -249,6 +266,7 @@ def distill_fit_predictor(
         limits,
         count_active_params(student),
         count_active_params(teacher.model),
+        dcfg,
     )
 
 
@@ -273,6 +291,6 @@ def distill(
             "known_limits": out.known_limits,
             "student_active_params": out.student_active_params,
             "teacher_active_params": out.teacher_active_params,
-            "distill_config": default_distill_config(distill_cfg).to_dict(),
+            "distill_config": out.distill_config.to_dict(),
         },
     )

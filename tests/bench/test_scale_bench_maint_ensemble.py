@@ -104,6 +104,8 @@ def test_tiny_ensemble_teacher_run_end_to_end() -> None:
         assert 0 < r["validation_rmse_capped"] < 200
     assert row["distilled_validation_rmse"] == dist["validation_rmse_capped"]
     assert d["run_config"]["distill_mixup"] == 0.0
+    assert d["run_config"]["column_weights"] == "task"
+    assert d["teacher_column_weights"] == [1.0, 0.1]  # fd001: alarm_loss_weight 0.1
 
 
 def test_mixup_students_are_a_separate_recorded_comparison() -> None:
@@ -111,6 +113,10 @@ def test_mixup_students_are_a_separate_recorded_comparison() -> None:
     args = _args("--maint-distill-mixup", "1")
     assert sb.maint_retention_key(args) == "maintenance_student_retention_mixup1"
     assert sb.maint_retention_key(_args("--maint-distill-mixup", "0.5")).endswith("_mixup0.5")
+    # the plain-mean teacher term (before session 18) is its own comparison too
+    mean = _args("--maint-column-weights", "mean", "--maint-distill-mixup", "1")
+    assert sb.maint_retention_key(mean) == "maintenance_student_retention_mixup1_colmean"
+    assert sb.maint_column_weights(mean) == [0.5, 0.5] and sb.maint_column_weights(args) == []
     tcfg, scfg = sb.maintenance_configs(args)
     # only the distilled student reads it; the teacher and the scratch fit never do
     assert scfg.distill_mixup == 1.0 and tcfg.distill_mixup == 0.0

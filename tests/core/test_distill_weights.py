@@ -138,3 +138,36 @@ def test_position_sum_reduction_sums_each_row_then_averages_rows() -> None:
     torch.testing.assert_close(teacher_term(s, t, reg_sum, w), (w * per_row).sum() / w.sum())
     with pytest.raises(ValueError, match="position_reduction"):
         DistillConfig(position_reduction="max")
+
+
+def test_column_weights_sum_the_per_column_terms_and_default_to_their_mean() -> None:
+    """Two columns [regression, binary]: squared error on column 0, T^2 * binary KL on
+    column 1; ``column_weights`` gives ``sum_c w_c * term_c``, empty gives their mean."""
+    s = torch.tensor([[0.5, 1.0], [0.2, -2.0]])
+    t = torch.tensor([[0.0, 0.0], [0.4, 1.0]])
+    T = 2.0
+    mse = ((0.5 - 0.0) ** 2 + (0.2 - 0.4) ** 2) / 2
+    kl = T * T * (_hand_binary_kl(1.0, 0.0, T) + _hand_binary_kl(-2.0, 1.0, T)) / 2
+    kinds = ["regression", "binary"]
+    mean = DistillConfig(temperature=T, column_kinds=kinds)
+    assert float(teacher_term(s, t, mean)) == pytest.approx((mse + kl) / 2, rel=1e-5)
+    task = DistillConfig(temperature=T, column_kinds=kinds, column_weights=[1.0, 0.1])
+    assert float(teacher_term(s, t, task)) == pytest.approx(mse + 0.1 * kl, rel=1e-5)
+    # [0.5, 0.5] is the mean exactly; a zero weight drops its column
+    half = DistillConfig(temperature=T, column_kinds=kinds, column_weights=[0.5, 0.5])
+    assert float(teacher_term(s, t, half)) == pytest.approx((mse + kl) / 2, rel=1e-6)
+    rul_only = DistillConfig(temperature=T, column_kinds=kinds, column_weights=[1.0, 0.0])
+    assert float(teacher_term(s, t, rul_only)) == pytest.approx(mse, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [([1.0], "has 1 entries but column_kinds names 2"), ([1.0, -0.1], "finite and >= 0")],
+)
+def test_bad_column_weights_are_rejected(weights: list[float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(column_kinds=["regression", "binary"], column_weights=weights)
+    # weights without kinds are accepted (an app fills its kinds in), but not used alone
+    alone = DistillConfig(column_weights=[1.0, 0.1])
+    with pytest.raises(KeelInputError, match="need one column kind each"):
+        teacher_term(torch.zeros(2, 2), torch.zeros(2, 2), alone)

@@ -38,6 +38,17 @@ def test_default_config_fills_column_kinds_only_when_empty() -> None:
     assert d.alpha == 0.9 and d.column_kinds == ["regression", "regression"]
 
 
+def test_default_config_weighs_columns_like_the_task_loss() -> None:
+    """Given the student's alarm_loss_weight, the teacher term's column weights are the task
+    loss's [1, alarm_loss_weight]; explicit weights are kept; without the weight, the mean."""
+    assert default_distill_config(None).column_weights == []
+    assert default_distill_config(None, 0.1).column_weights == [1.0, 0.1]
+    kept = default_distill_config({"column_weights": [0.5, 0.5]}, 0.1)
+    assert kept.column_weights == [0.5, 0.5]
+    with pytest.raises(MaintenanceDataError, match="give column_weights explicitly"):
+        default_distill_config({"column_kinds": ["regression"]}, 0.1)
+
+
 def test_student_tracks_teacher_and_teacher_is_untouched(tiny_fit) -> None:
     _, teacher_out = tiny_fit
     teacher = teacher_out.predictor
@@ -77,6 +88,8 @@ def test_spec_hook_returns_evaluated_train_result(tiny_fit) -> None:
     assert math.isfinite(m["rmse_capped"]) and m["rmse_capped"] > 0
     assert "lead_detection_rate" in m
     assert res.extra["distill_config"]["alpha"] == 0.7
+    # the effective config is recorded: the student's task-loss column weights filled in
+    assert res.extra["distill_config"]["column_weights"] == [1.0, cfg.alarm.alarm_loss_weight]
     assert res.extra["student_active_params"] < res.extra["teacher_active_params"]
     frame = res.predictor.predict(res.input_example)
     assert len(frame) > 0
