@@ -1421,6 +1421,9 @@ def medical_data(args: argparse.Namespace) -> Path:
         cfg.data.generate = {"n_series": 4, "size": "tiny", "seed": 5}
     else:
         out = Path(args.medical_data or ROOT / "keel_outputs/medical_bench_data64")
+    n_unlabeled = int(getattr(args, "medical_unlabeled_series", 0))
+    if n_unlabeled:  # made as training-only extras; their truth is never read here
+        cfg.data.generate = {**(cfg.data.generate or {}), "extra_train_series": n_unlabeled}
     if not (out / "seriesuids.csv").is_file():
         say(f"medical: preparing {out}")
         prepare(out, cfg, workers=1 if args.tiny else None)
@@ -1601,6 +1604,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     tr_truth, held_truth = truth.subset(train), truth.subset(held)
     # on the GPU when there is one (scipy on the CPU took 163 s of a 574 s H200 call)
     scans = load_prepared(tcfg, root, train)
+    unlabeled = medical_transfer_set(args, root, tcfg)
 
     def two_stage(cfg: Any) -> Any:
         det = fit_detector(cfg, scans, tr_truth)
@@ -1620,12 +1624,16 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     hidden = medical_hidden_matching(args, tcfg, scfg)
     dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature, **hidden}
-    distilled = distill_fit_predictor(scfg, teacher, dcfg, scans=scans).predictor
+    distilled = distill_fit_predictor(
+        scfg, teacher, dcfg, scans=scans, unlabeled_scans=unlabeled
+    ).predictor
     t_distill = time.perf_counter() - t0
-    say("medical: scratch student")
-    t0 = time.perf_counter()
-    scratch = two_stage(scfg)
-    t_scratch = time.perf_counter() - t0
+    scratch, t_scratch = None, None
+    if not getattr(args, "medical_skip_scratch", False):
+        say("medical: scratch student")
+        t0 = time.perf_counter()
+        scratch = two_stage(scfg)
+        t_scratch = time.perf_counter() - t0
     crops = detector_samples(tcfg, scans[:4], tr_truth, np.random.default_rng(0))["image"]
     held_scans = [load_raw_scan(root, u) for u in held]
     rows = [
@@ -1635,18 +1643,22 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
             ("student_distilled", distilled),
             ("student_scratch", scratch),
         )
+        if p is not None
     ]
     ratio = rows[0]["active_params"] / rows[1]["active_params"]
     teacher_cpm = rows[0]["cpm"]
     details: dict[str, Any] = {
         "rows": rows,
         "teacher_over_student_active_params": ratio,
-        "scratch_retention": rows[2]["cpm"] / teacher_cpm if teacher_cpm > 0 else None,
-        "distilled_beats_scratch": rows[1]["cpm"] > rows[2]["cpm"],
+        "scratch_retention": (
+            rows[2]["cpm"] / teacher_cpm if scratch is not None and teacher_cpm > 0 else None
+        ),
+        "distilled_beats_scratch": rows[1]["cpm"] > rows[2]["cpm"] if scratch else None,
         "throughput": throughput_summary(rows, "stage1_crops_per_s"),
         "alpha": args.alpha,
         "temperature": args.medical_temperature,
         "hidden_matching": hidden or None,
+        "unlabeled_transfer_series": len(unlabeled),
         "epochs_per_stage": args.medical_epochs,
         "train_seconds": {"teacher": t_teacher, "distill": t_distill, "scratch": t_scratch},
         "data": f"{len(truth.seriesuids)} synthetic phantoms ({root.name}), npz",
@@ -1670,7 +1682,28 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
     if teacher_cpm <= 0:
         details["warning_cpm"] = "teacher CPM is 0: retention undefined, recorded as 0"
     retention = rows[1]["cpm"] / teacher_cpm if teacher_cpm > 0 else 0.0
-    return {"medical_student_retention": (retention, details)}
+    key = "medical_student_retention" + (f"_unlabeled{len(unlabeled)}" if unlabeled else "")
+    return {key: (retention, details)}
+
+
+def medical_transfer_set(args: argparse.Namespace, root: Path, tcfg: Any) -> list[Any]:
+    """``--medical-unlabeled-series N``: the N training-only extra phantoms of ``root``
+    (``bench.medical_bench.EXTRA_TRAIN_FILE``), prepared on the students' grid, as the
+    distilled student's transfer set; their truth rows are never read. Empty when 0."""
+    from apps.medical.data import load_prepared
+    from bench.medical_bench import EXTRA_TRAIN_FILE
+
+    n = int(getattr(args, "medical_unlabeled_series", 0))
+    if n <= 0:
+        return []
+    path = root / EXTRA_TRAIN_FILE
+    uids = [u.strip() for u in path.read_text().splitlines() if u.strip()] if path.is_file() else []
+    if len(uids) < n:
+        raise SystemExit(
+            f"--medical-unlabeled-series {n}: {root} holds {len(uids)} extra series "
+            f"({EXTRA_TRAIN_FILE}); prepare it with bench.medical_bench --extra-train-series {n}"
+        )
+    return load_prepared(tcfg, root, uids[:n])
 
 
 # ============================================================================ ddp2
@@ -2464,6 +2497,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="the voxel KL's temperature (0.5: chosen on the validation series' CPM among"
         " 2, 1 and 0.5 in session 15; apps/medical/configs/distill.yaml)",
+    )
+    ap.add_argument(
+        "--medical-skip-scratch",
+        action="store_true",
+        help="medical: teacher and distilled student only (compare with a recorded scratch "
+        "run of the same student and seed)",
+    )
+    ap.add_argument(
+        "--medical-unlabeled-series",
+        type=int,
+        default=0,
+        help="dense: N more phantoms (bench.medical_bench --extra-train-series N; their "
+        "truth never read) as the distilled student's transfer set; the scratch student "
+        "cannot use them. Recorded under medical_student_retention_unlabeled<N>",
     )
     ap.add_argument(
         "--medical-hidden-weight",

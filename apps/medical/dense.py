@@ -321,6 +321,12 @@ class DenseCropDataset(Dataset):
     axis flips and transposes): flips of any axis, swapping y and x, and an intensity
     jitter ``x * a + b`` (``a ~ U(0.9, 1.1)``, ``b ~ U(-0.03, 0.03)``) applied as ``a, b`` on
     the intensity channels and ``a`` on the eigenvalue channels.
+
+    ``labelled`` (one flag per scan, default all True): an unlabeled scan (a distillation
+    transfer-set scan) has no truth; its ``nodules`` entry holds crop centres to sample near
+    instead (e.g. a teacher's candidates), and its crops come with an all-zero target and
+    weight, so the task loss (weighted, normalised by the labelled centres) ignores them and
+    only a teacher term reads them.
     """
 
     def __init__(
@@ -337,8 +343,14 @@ class DenseCropDataset(Dataset):
         augment: bool = True,
         bank: FilterBank | None = None,
         pos_size_power: float = 0.0,
+        labelled: Sequence[bool] | None = None,
     ) -> None:
         self.scans, self.nodules, self.excluded = list(scans), list(nodules), list(excluded)
+        self.labelled = (
+            [True] * len(self.scans) if labelled is None else [bool(v) for v in labelled]
+        )
+        if len(self.labelled) != len(self.scans):
+            raise ValueError(f"labelled has {len(self.labelled)} flags for {len(self.scans)} scans")
         self.crop = np.asarray([int(c) for c in crop_zyx])
         self.spacing = tuple(float(s) for s in spacing_zyx)
         self.n = int(n_samples)
@@ -392,9 +404,13 @@ class DenseCropDataset(Dataset):
         start = np.round(centre).astype(int) - self.crop // 2
         feats = _crop_channels(self.features[i], start, self.crop).float()
         nod, dia = self.nodules[i]
-        target, weight = dense_targets(
-            start, self.crop, self.spacing, nod, dia, self.excluded[i], self.sigma_mm
-        )
+        if self.labelled[i]:
+            target, weight = dense_targets(
+                start, self.crop, self.spacing, nod, dia, self.excluded[i], self.sigma_mm
+            )
+        else:  # no truth: the task loss must not read this crop (weight 0 everywhere)
+            shape = tuple(int(c) for c in self.crop)
+            target, weight = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         tgt, wgt = torch.from_numpy(target), torch.from_numpy(weight)
         if self.augment:
             rng = self.rng

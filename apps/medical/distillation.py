@@ -127,6 +127,39 @@ def _distill_token_detector(
     )
 
 
+def teacher_centres(
+    teacher: NoduleDetector, scans: Sequence[PreparedScan], per_scan: int
+) -> list[np.ndarray]:
+    """Per scan, the prepared-grid ``zyx`` of the teacher's ``per_scan`` best stage-1
+    candidates (its own threshold and NMS radius): where an unlabeled scan's crops are
+    centred, so the transfer set holds what the teacher calls nodules (true ones and its
+    hardest mimics) and not only background. Needs a dense teacher."""
+    from apps.medical.dense import candidates_from_heatmap, sliding_window_dense
+
+    tc = teacher.config.detector
+    if tc.kind != "dense":
+        raise MedicalDataError("unlabeled transfer-set scans need a dense teacher")
+    if per_scan < 1:
+        raise MedicalDataError(f"per_scan={per_scan}: expected >= 1 centre per unlabeled scan")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = teacher.detector.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for s in scans:
+            prob = sliding_window_dense(
+                model,
+                s.image,
+                tc.crop_zyx,
+                tc.infer_stride_zyx or tc.stride_zyx,
+                tc.scoring_batch_size,
+                tc.tta_flips,
+            )
+            c = candidates_from_heatmap(prob, s, tc.threshold, tc.nms_radius_mm, per_scan)
+            out.append(c[["z", "y", "x"]].to_numpy(np.float64).reshape(-1, 3))
+    teacher.detector.cpu()
+    return out
+
+
 def distill_dense_detector(
     cfg: MedicalConfig,
     teacher: NoduleDetector,
@@ -134,11 +167,19 @@ def distill_dense_detector(
     truth: Any,
     d1: DistillConfig,
     logger: Any = None,
+    unlabeled_scans: Sequence[PreparedScan] = (),
+    centres_per_unlabeled_scan: int = 6,
 ) -> Any:
     """Stage 1 of a dense student against the teacher's dense heat map, on the crops and
     schedule (``train_minutes`` or epochs) that :func:`fit_dense_detector` would use, so a
     scratch student of the same config gets the same budget. Mutates
-    ``cfg.detector.nms_radius_mm`` (chosen on the validation part), as training does."""
+    ``cfg.detector.nms_radius_mm`` (chosen on the validation part), as training does.
+
+    ``unlabeled_scans``: a transfer set (series without truth; never validation or
+    held-out series): they join the crop pool with zero task-loss weight, positives drawn
+    near the teacher's ``centres_per_unlabeled_scan`` best candidates (:func:`teacher_centres`),
+    so the student learns the teacher's map on more scans than are labelled. The step
+    budget stays the scratch student's (same crops per epoch, same epochs)."""
     from apps.medical.dense import DenseHeatmapModel
     from apps.medical.training import (
         dense_crop_loader,
@@ -156,7 +197,11 @@ def distill_dense_detector(
             f"teacher filter-bank scales {teacher.detector.bank.sigmas} differ from the"
             f" student's {student.bank.sigmas}: both read the same precomputed features"
         )
-    loader = dense_crop_loader(cfg, fit_scans, truth, student.bank)
+    unlabeled = []
+    if unlabeled_scans:
+        centres = teacher_centres(teacher, unlabeled_scans, centres_per_unlabeled_scan)
+        unlabeled = list(zip(unlabeled_scans, centres, strict=True))
+    loader = dense_crop_loader(cfg, fit_scans, truth, student.bank, unlabeled)
     tc, extra = dense_trainer_config(cfg)
     dense_cfg = dataclasses.replace(d1, position_reduction="sum")
     student = distill_fit(student, teacher.detector, loader, None, tc, dense_cfg, logger, extra)
@@ -180,12 +225,15 @@ def distill_fit_predictor(
     distill_cfg: DistillConfig | dict | None = None,
     logger: Any = None,
     scans: Sequence[PreparedScan] | None = None,
+    unlabeled_scans: Sequence[PreparedScan] = (),
 ) -> DistillOutput:
     """Distil both stages of ``teacher`` into ``cfg``'s student, on the training series only.
 
     ``scans``: the training series already prepared on ``cfg``'s grid (in the order of the
     split's training UIDs), for callers that hold them, since preparing them again costs
-    more than a short distillation run; checked against the split.
+    more than a short distillation run; checked against the split. ``unlabeled_scans``:
+    a transfer set for a dense student's stage 1 (:func:`distill_dense_detector`); none of
+    them may be a held-out series.
     """
     d1, d2 = stage_distill_configs(distill_cfg)
     _check_teacher(teacher, cfg, d1)
@@ -204,8 +252,18 @@ def distill_fit_predictor(
         )
     tr_truth = truth.subset(train_uids)
 
+    leaked = sorted({s.seriesuid for s in unlabeled_scans} & set(held))
+    if leaked:
+        raise MedicalDataError(
+            f"unlabeled transfer-set scans include held-out series {leaked[:3]}: the held-out"
+            " series must stay unseen"
+        )
+    if unlabeled_scans and cfg.detector.kind != "dense":
+        raise MedicalDataError("unlabeled transfer-set scans are wired for a dense student only")
     if cfg.detector.kind == "dense":
-        det = distill_dense_detector(cfg, teacher, scans, tr_truth, d1, logger)
+        det = distill_dense_detector(
+            cfg, teacher, scans, tr_truth, d1, logger, unlabeled_scans=unlabeled_scans
+        )
     else:
         det = _distill_token_detector(cfg, teacher, scans, tr_truth, d1, logger)
     fp = None

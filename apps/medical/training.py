@@ -343,19 +343,30 @@ def split_validation(
 
 
 def dense_crop_loader(
-    cfg: MedicalConfig, scans: Sequence[PreparedScan], truth: Truth, bank: Any
+    cfg: MedicalConfig,
+    scans: Sequence[PreparedScan],
+    truth: Truth,
+    bank: Any,
+    unlabeled: Sequence[tuple[PreparedScan, np.ndarray]] = (),
 ) -> DataLoader:
     """Random training crops of ``scans`` (:class:`apps.medical.dense.DenseCropDataset`),
-    the filter ``bank`` run once per scan (on the GPU when there is one)."""
+    the filter ``bank`` run once per scan (on the GPU when there is one). ``unlabeled``:
+    ``(scan, centres_zyx [N, 3])`` pairs whose truth is never read; their crops are drawn
+    like the labelled ones (positives near ``centres_zyx`` instead of nodules) and carry a
+    zero task-loss weight (a distillation transfer set: only the teacher term reads them)."""
     from apps.medical.dense import DenseCropDataset
 
     dc = cfg.detector
     if torch.cuda.is_available():
         bank.cuda()  # the dataset runs the filter bank once per scan
+    centres = [np.asarray(c, np.float64).reshape(-1, 3) for _, c in unlabeled]
     dataset = DenseCropDataset(
-        scans,
-        [_nodules_of(truth, s) for s in scans],
-        [findings_zyx(truth.excluded, s) for s in scans],
+        [*scans, *(s for s, _ in unlabeled)],
+        [
+            *(_nodules_of(truth, s) for s in scans),
+            *((c, np.full(len(c), 10.0)) for c in centres),  # unknown: 10 mm (pos_size_power)
+        ],
+        [*(findings_zyx(truth.excluded, s) for s in scans), *(np.empty((0, 3)) for _ in centres)],
         dc.crop_zyx,
         cfg.spacing_zyx,
         dc.samples_per_epoch,
@@ -364,6 +375,7 @@ def dense_crop_loader(
         seed=cfg.seed,
         bank=bank,
         pos_size_power=dc.pos_size_power,
+        labelled=[True] * len(scans) + [False] * len(unlabeled),
     )
     bank.cpu()
     workers = 0

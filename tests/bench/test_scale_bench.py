@@ -186,6 +186,46 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
         sb.load_medical_teacher(tmp_path / "teacher_4mm", tcfg)
 
 
+def test_tiny_medical_distillation_with_an_unlabeled_transfer_set(tmp_path) -> None:
+    """--medical-unlabeled-series 2: two extra phantoms (their truth never read) join the
+    distilled student's crops; the labelled, held-out and scratch sides stay those of the
+    4-series set, the figure gets its own key, and a folder without extras is refused."""
+    from apps.medical.data import read_truth
+    from apps.medical.predictor import NoduleDetector, build_detector
+    from bench.medical_bench import EXTRA_TRAIN_FILE
+
+    data = tmp_path / "npz_extra"
+    base = ("--apps", "medical", "--medical-data", str(data), "--medical-detector", "dense")
+    args = _args(*base, "--medical-unlabeled-series", "2")
+    root = sb.medical_data(args)
+    extras = (root / EXTRA_TRAIN_FILE).read_text().split()
+    assert len(extras) == 2 and not set(extras) & set(read_truth(root).seriesuids)
+    tcfg, _ = sb.medical_configs(args, root)
+    torch.manual_seed(3)
+    NoduleDetector(tcfg, build_detector(tcfg), None).save(tmp_path / "teacher")
+    out = sb.run_medical_distill(
+        _args(
+            *base,
+            "--medical-unlabeled-series",
+            "2",
+            "--medical-teacher-dir",
+            str(tmp_path / "teacher"),
+            "--medical-skip-scratch",
+        )
+    )
+    value, d = out["medical_student_retention_unlabeled2"]
+    assert d["unlabeled_transfer_series"] == 2
+    assert d["n_train_series"] + d["n_heldout_series"] == 4
+    # --medical-skip-scratch: teacher and distilled student only
+    assert [r["model"] for r in d["rows"]] == ["teacher", "student_distilled"]
+    assert d["distilled_beats_scratch"] is None and d["train_seconds"]["scratch"] is None
+    t_cpm = d["rows"][0]["cpm"]  # an untrained tiny teacher may find nothing
+    assert value == pytest.approx(d["rows"][1]["cpm"] / t_cpm if t_cpm > 0 else 0.0)
+    (root / EXTRA_TRAIN_FILE).write_text("")
+    with pytest.raises(SystemExit, match="holds 0 extra series"):
+        sb.medical_transfer_set(args, root, tcfg)
+
+
 def test_tiny_medical_scoring_speed(tmp_path) -> None:
     """--medical-scoring-only: teacher and student architecture timed per crop and per whole
     held-out scan (the sliding-window path, equal window batches); no training."""

@@ -133,6 +133,31 @@ def test_dataset_oversamples_nodules_and_one_step_trains():
     assert losses[-1] < losses[0]
 
 
+def test_unlabeled_scan_crops_centre_on_given_points_and_add_no_task_loss():
+    """A transfer-set scan (``labelled`` False): its positives are drawn near the given
+    centres (the blob is in every crop), its target and weight are zero everywhere, so the
+    focal loss of a batch with its crops equals the loss of the labelled crops alone."""
+    scan = _scan_with_blob((9.0, 11.0, 13.0))
+    blob = (np.array([[9.0, 11.0, 13.0]]), np.array([12.0]))
+    free = _positive_crops(scan, blob, labelled=[False], augment=False)
+    items = [free[i] for i in range(len(free))]
+    for it in items:
+        assert float(it["target_BZYX"].abs().sum()) == 0.0
+        assert float(it["weight_BZYX"].abs().sum()) == 0.0
+        assert float(it["features"][0].max()) > 0.5  # the blob (0.75) is in the crop
+    labelled = _positive_crops(scan, blob, augment=False)
+    lab = [labelled[i] for i in range(4)]
+    model = _tiny_model()
+
+    def loss_of(rows):
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return float(model.loss(model(dict(batch)), batch))
+
+    assert loss_of(lab + items[:4]) == pytest.approx(loss_of(lab), rel=1e-6)
+    with pytest.raises(ValueError, match="labelled has 2 flags for 1 scans"):
+        _positive_crops(scan, blob, labelled=[True, False])
+
+
 def test_size_weighted_positive_sampling_follows_the_diameter_power():
     """pos_size_power=2: a 4 mm and a 16 mm nodule are drawn 16:1 (diameter^-2), measured
     over many draws; 0 keeps the uniform choice."""

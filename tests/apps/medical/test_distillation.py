@@ -167,6 +167,51 @@ def test_dense_student_voxel_logits_track_the_dense_teacher(teacher_setup) -> No
         )
 
 
+def test_dense_transfer_set_uses_teacher_centres_and_never_held_out_series(
+    teacher_setup,
+) -> None:
+    """Unlabeled transfer-set scans: their crop centres are the dense teacher's best
+    candidates (what ``detect`` would return first), a student distils with them, and a
+    held-out series offered as unlabeled data is refused."""
+    import dataclasses
+
+    from apps.medical.dense import detect_scan_dense
+    from apps.medical.distillation import teacher_centres
+
+    cfg, _, scans, truth = teacher_setup
+    tcfg = _dense(cfg)
+    tcfg.detector.trainer.max_epochs = 1
+    teacher = NoduleDetector(tcfg, fit_detector(tcfg, scans, truth), None)
+    # unlabeled copies of the training scans under new series UIDs (no truth rows exist)
+    extra = [dataclasses.replace(s, seriesuid=f"{s.seriesuid}.9") for s in scans]
+    centres = teacher_centres(teacher, extra, per_scan=2)
+    assert sum(len(c) for c in centres) > 0
+    dc = tcfg.detector
+    for s, c in zip(extra, centres, strict=True):
+        want = detect_scan_dense(
+            teacher.detector,
+            s,
+            dc.crop_zyx,
+            dc.infer_stride_zyx or dc.stride_zyx,
+            dc.threshold,
+            dc.nms_radius_mm,
+            2,
+            batch_size=dc.scoring_batch_size,
+        )
+        assert c.shape == (len(want), 3) and len(want) <= 2
+        np.testing.assert_allclose(c, want[["z", "y", "x"]].to_numpy(), atol=1e-6)
+    scfg = _dense(_student(cfg))
+    scfg.detector.trainer.max_epochs = 1
+    out = distill_fit_predictor(scfg, teacher, {"alpha": 0.7}, unlabeled_scans=extra)
+    assert all(torch.isfinite(p).all() for p in out.predictor.detector.parameters())
+    root = ensure_dataset(cfg.data)
+    full = read_truth(root)
+    _, held = split_series(full.seriesuids, cfg.data.heldout_fraction, cfg.data.split_seed)
+    held_scan = prepare(cfg, load_raw_scan(root, held[0]))
+    with pytest.raises(MedicalDataError, match="include held-out series"):
+        distill_fit_predictor(scfg, teacher, {"alpha": 0.7}, unlabeled_scans=[held_scan])
+
+
 def test_shipped_student_config_fits_the_bench_teacher() -> None:
     """``configs/student.yaml`` is the synthetic_bench detector with a small backbone: it
     reads the teacher's crops, grid and filter bank (so distillation accepts the pair), has
