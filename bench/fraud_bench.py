@@ -127,6 +127,38 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
     return out
 
 
+def run_mlp_student(name: str, out: Any, args: argparse.Namespace, cmd: str, rows: list) -> None:
+    """``--mlp-student``: the deployable CPU scorer (``student.kind: mlp`` +
+    ``configs/mlp_distill.yaml``, what ``keel fraud distill`` registers) distilled from the
+    backbone just trained, on the same split; records ``<key>_mlp_student`` for the
+    protocol's model keys."""
+    from apps.fraud.config import config_path
+    from apps.fraud.distillation import distill_mlp_predictor
+    from core.distill import DistillConfig
+
+    cfg = protocol_config(name, args)
+    cfg.student.kind = "mlp"
+    dcfg = DistillConfig.from_yaml(config_path("mlp_distill"))
+    t0 = time.time()
+    res = distill_mlp_predictor(cfg, out.predictor, dcfg, data=out.data)
+    m = res.evaluation.metrics
+    details = {
+        "protocol": res.evaluation.protocol,
+        "seconds": round(time.time() - t0),
+        "command": cmd,
+        "student": {"hidden": list(cfg.student.hidden), "epochs": cfg.student.epochs},
+        "student_active_params": res.student_active_params,
+        "teacher_active_params": res.teacher_active_params,
+        "teacher_same_run": {
+            k: float(out.evaluation.metrics[k]) for k in KEYS[name] if k in out.evaluation.metrics
+        },
+    }
+    for metric, key in KEYS[name].items():
+        if not metric.startswith("baseline/") and metric in m:
+            record("fraud", f"{key}_mlp_student", float(m[metric]), details)
+            rows.append((f"{key}_mlp_student", m[metric]))
+
+
 def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> dict[str, Any]:
     """One seed of ``--seeds``: the metrics :data:`KEYS` names, and what the run chose
     (picklable, for a worker process)."""
@@ -428,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--synthetic", action="store_true", help="throughput on synthetic rows, random weights"
     )
+    ap.add_argument(
+        "--mlp-student",
+        action="store_true",
+        help="also distil the deployable MLP student (student.kind: mlp) from each protocol's "
+        "backbone and record <key>_mlp_student",
+    )
     args = ap.parse_args(argv)
     cmd = _cmd(argv)
     todo = args.only or ["ulb", "handbook", "throughput"]
@@ -453,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in KEYS:
                 out = run_protocol(name, args, cmd, rows)
                 ulb = out if name == "ulb" else ulb
+                if args.mlp_student:
+                    run_mlp_student(name, out, args, cmd, rows)
         if "throughput" in todo:
             if args.device == "cuda":
                 throughput_synthetic(cmd, rows, args.rows, "cuda")

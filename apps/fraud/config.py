@@ -197,6 +197,38 @@ class BaselineConfig:
     n_jobs: int = 1
 
 
+STUDENT_KINDS = ("backbone", "mlp")
+
+
+@dataclass
+class StudentConfig:
+    """What ``keel fraud distill`` (``apps.fraud.distillation.distill``) trains when this
+    config is the student's. ``backbone``: this config's backbone, distilled through core's
+    Lightning loop. ``mlp``: the CPU scorer of ``apps/fraud/fastscore.py``, an MLP of
+    ``hidden`` widths over the teacher's scaled numeric features (categorical tokens and the
+    card's history sequence are not read), fitted to the teacher's logits on every row of
+    the training block (``epochs``, ``batch_size``, ``lr``); it scores orders of magnitude
+    faster than the backbone on a CPU (BENCHMARKS.md, issue #3)."""
+
+    kind: str = "backbone"
+    hidden: tuple[int, ...] = (64, 32)
+    epochs: int = 6
+    batch_size: int = 1024
+    lr: float = 2e-3
+
+    def __post_init__(self) -> None:
+        if self.kind not in STUDENT_KINDS:
+            raise FraudConfigError(f"student.kind={self.kind!r}: expected one of {STUDENT_KINDS}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if not self.hidden or min(self.hidden) < 1:
+            raise FraudConfigError(f"student.hidden={self.hidden}: expected widths >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise FraudConfigError(
+                f"student: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr};"
+                " expected epochs >= 1, batch_size >= 1, lr > 0"
+            )
+
+
 def _small_backbone() -> BackboneConfig:
     return core_small_backbone(dropout=0.1)
 
@@ -230,6 +262,7 @@ class FraudConfig(YamlConfig):
     )
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     refit_on_validation: bool = False
     seed: int = 0
 

@@ -162,18 +162,91 @@ def distill_fit_predictor(
     )
 
 
+def distill_mlp_predictor(
+    cfg: FraudConfig,
+    teacher: FraudPredictor,
+    distill_cfg: DistillConfig | dict | None = None,
+    data: PreparedData | None = None,
+) -> DistillOutput:
+    """The CPU scorer (``cfg.student.kind == "mlp"``): a :class:`StudentMLP` fitted to the
+    teacher's logits on every row of the training block (the teacher's soft label is known
+    for each, so the legitimate rows are not sub-sampled; no test row, and no validation row
+    either, since the validation block then calibrates the student and chooses its alert
+    threshold, as for any model here). ``distill_cfg``: the teacher term
+    (:func:`apps.fraud.fastscore.student_distill_config`; default MSE on the logit,
+    alpha 1). The predictor holds the student and no backbone."""
+    from apps.fraud.fastscore import distill_student, student_distill_config
+
+    if not isinstance(teacher, FraudPredictor):
+        raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
+    dcfg = student_distill_config(distill_cfg)
+    data = data or load_data(cfg)
+    if data.schema.name != teacher.schema.name:
+        raise FraudDataError(
+            f"teacher schema {teacher.schema.name!r} but the student config reads"
+            f" {data.schema.name!r}: teacher and student must score the same columns"
+        )
+    split = data.split
+    if len(split.valid) == 0:
+        raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
+    mi = teacher.inputs.transform(data.frame)
+    t_logits, _ = teacher.score_inputs(mi.take(split.train))
+    sc = cfg.student
+    y_train = data.y[split.train] if dcfg.alpha < 1.0 else None
+    student = distill_student(
+        mi.x_num[split.train],
+        t_logits,
+        hidden=sc.hidden,
+        epochs=sc.epochs,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        seed=cfg.seed,
+        cfg=dcfg,
+        y_N=y_train,
+    )
+    options = {**teacher.options, "n_reasons": cfg.head.n_reasons, "history_path": cfg.history_path}
+    # calibration and threshold are chosen below on the validation block; placeholders here
+    predictor = FraudPredictor(
+        None, teacher.inputs, {"method": "none"}, {"alert": 0.5}, options, student=student
+    )
+    val_logits, _ = predictor.score_inputs(mi.take(split.valid))
+    predictor.calibration = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
+    val_scores = apply_calibration(val_logits, predictor.calibration)
+    amounts = data.frame.get_column(data.schema.amount_column).to_numpy()
+    threshold, rule = choose_threshold(
+        cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
+    )
+    predictor.thresholds = {"alert": threshold}
+    predictor.options["rule"] = rule
+    ev = evaluate_inputs(cfg, data, predictor, mi)
+    ev.protocol += (
+        f" MLP student {list(sc.hidden)} on the teacher's scaled numeric features, fitted to"
+        f" its logits on the {len(split.train)} training-block rows ({sc.epochs} epochs;"
+        f" teacher term {dcfg.to_dict()}); calibration and threshold on the validation block."
+    )
+    extra = {"student_kind": "mlp", "student_fit_steps": student.fit_steps}
+    teacher_params = count_active_params(
+        teacher.model if teacher.model is not None else teacher.student
+    )
+    return DistillOutput(predictor, data, ev, count_active_params(student), teacher_params, extra)
+
+
 def distill(
     cfg: FraudConfig,
     teacher: FraudPredictor,
     run: Any = None,
     distill_cfg: DistillConfig | dict | None = None,
 ) -> TrainResult:
-    """``AppSpec.distill``: distil, then the same test-block evaluation as ``spec.train``."""
+    """``AppSpec.distill``: distil, then the same test-block evaluation as ``spec.train``.
+    ``cfg.student.kind``: ``backbone`` (the config's backbone) or ``mlp`` (the CPU
+    scorer, :func:`distill_mlp_predictor`)."""
     from apps.fraud.spec import KNOWN_LIMITS, id_columns_as_float
     from core.tracking import lightning_logger
 
-    logger = lightning_logger(run)
-    out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=logger)
+    if cfg.student.kind == "mlp":
+        out = distill_mlp_predictor(cfg, teacher, distill_cfg)
+    else:
+        out = distill_fit_predictor(cfg, teacher, distill_cfg, logger=lightning_logger(run))
     test = out.data.split.test
     example = id_columns_as_float(
         out.data.raw[test[:5]].select(out.predictor.input_columns).to_pandas(), out.data.schema
@@ -187,6 +260,16 @@ def distill(
             "known_limits": [*KNOWN_LIMITS, "distilled student: the teacher's input builder"],
             "student_active_params": out.student_active_params,
             "teacher_active_params": out.teacher_active_params,
-            "distill_config": default_distill_config(distill_cfg).to_dict(),
+            "student_kind": cfg.student.kind,
+            "distill_config": distill_record(cfg, distill_cfg),
         },
     )
+
+
+def distill_record(cfg: FraudConfig, distill_cfg: DistillConfig | dict | None) -> dict[str, Any]:
+    """The teacher-term settings the student of ``cfg`` was trained with."""
+    if cfg.student.kind == "mlp":
+        from apps.fraud.fastscore import student_distill_config
+
+        return student_distill_config(distill_cfg).to_dict()
+    return default_distill_config(distill_cfg).to_dict()

@@ -21,9 +21,16 @@ card's first rows in the file are those of a card with no past. Results are
 deterministic for the same input and history. Batch scoring keeps a card's rows in one
 chunk (``scoring_metadata["group_column"]``; sort the input by card, then time).
 
+The scorer is either the backbone (``model``) or a distilled MLP student (``student``,
+:class:`apps.fraud.fastscore.StudentMLP`, made by ``keel fraud distill`` with
+``student.kind: mlp``). A student reads the scaled numeric features only; its calibration,
+threshold and reasons (gradient x input on those features) are its own, and a predictor
+holding one carries no backbone.
+
 Saved as plain files only: ``predictor.json`` (model hyper-parameters, thresholds,
 calibration, options), ``inputs.json`` (schema, feature config, vocabularies, scaling)
-and ``weights.pt`` (a ``state_dict``, loaded with ``weights_only=True``).
+and ``weights.pt`` (the backbone's ``state_dict``) or ``student.pt`` (the student's), both
+loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 
 from apps.fraud.calibration import apply_calibration
 from apps.fraud.errors import FraudDataError
+from apps.fraud.fastscore import StudentMLP
 from apps.fraud.inputs import InputBuilder, canonical_frame
 from apps.fraud.model import FraudModel, predict_logits
 from apps.fraud.schema import TIME_UNITS, TS, FraudSchema
@@ -121,13 +129,17 @@ class FraudPredictor:
 
     def __init__(
         self,
-        model: FraudModel,
+        model: FraudModel | None,
         inputs: InputBuilder,
         calibration: dict[str, Any],
         thresholds: dict[str, float],
         options: dict[str, Any] | None = None,
+        student: StudentMLP | None = None,
     ) -> None:
-        self.model = model.cpu().eval()
+        if (model is None) == (student is None):
+            raise FraudDataError("a FraudPredictor scores with a backbone or a student, not both")
+        self.model = model.cpu().eval() if model is not None else None
+        self.student = student.cpu().eval() if student is not None else None
         self.inputs = inputs
         self.calibration = calibration
         self.thresholds = dict(thresholds)
@@ -217,23 +229,43 @@ class FraudPredictor:
 
     def score_inputs(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, calibrated scores)`` of prepared model inputs."""
-        logits = predict_logits(self.model, arrays, self.options["batch_size"])
+        if self.student is not None:
+            with torch.inference_mode():
+                x = torch.from_numpy(np.ascontiguousarray(arrays["x_num"], np.float32))
+                logits = self.student(x).double().numpy()
+        else:
+            logits = predict_logits(self.model, arrays, self.options["batch_size"])
         return logits, apply_calibration(logits, self.calibration)
+
+    def _student_contributions(self, x_num: np.ndarray) -> np.ndarray:
+        """Gradient x input of the student's logit per numeric feature: the first-order
+        share of each feature, measured from the training mean (the scaled features are
+        0 there), so a typical value contributes about nothing."""
+        x = torch.from_numpy(np.ascontiguousarray(x_num, np.float32)).requires_grad_(True)
+        with torch.enable_grad():
+            self.student(x).sum().backward()
+        return (x.grad * x).detach().numpy()
 
     def explain_inputs(self, arrays: dict[str, np.ndarray], top: int | None = None) -> list[str]:
         """``"feat=+0.21; feat2=-0.05"`` per row: the ``top`` largest |contributions|."""
         top = top or int(self.options["n_reasons"])
-        names = self.inputs.feature_columns.all + (
-            ["card_history"] if self.model.history_len else []
-        )
+        if self.student is not None:
+            names = list(self.inputs.feature_columns.numeric)
+        else:
+            names = self.inputs.feature_columns.all + (
+                ["card_history"] if self.model.history_len else []
+            )
         out: list[str] = []
         bs = 512
         for s in range(0, len(arrays["x_num"]), bs):
-            batch = {
-                k: torch.from_numpy(np.ascontiguousarray(v[s : s + bs])) for k, v in arrays.items()
-            }
-            _, contrib = self.model.attributions(batch)
-            c = contrib.numpy()
+            if self.student is not None:
+                c = self._student_contributions(arrays["x_num"][s : s + bs])
+            else:
+                batch = {
+                    k: torch.from_numpy(np.ascontiguousarray(v[s : s + bs]))
+                    for k, v in arrays.items()
+                }
+                c = self.model.attributions(batch)[1].numpy()
             for row in c:
                 idx = np.argsort(-np.abs(row), kind="stable")[:top]
                 out.append("; ".join(f"{names[i]}={row[i]:+.2f}" for i in idx))
@@ -300,31 +332,56 @@ class FraudPredictor:
     def save(self, path: Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        hp = dict(self.model.hparams)
+        student = self.student
         config = {
             "format_version": 1,
-            "model": hp,
+            "model": dict(self.model.hparams) if self.model is not None else None,
+            "student": (
+                {"n_features": student.n_features, "hidden": list(student.hidden)}
+                if student is not None
+                else None
+            ),
             "calibration": self.calibration,
             "thresholds": self.thresholds,
             "options": self.options,
         }
-        _atomic_write_text(path / "predictor.json", json.dumps(config, indent=1, default=float))
-        _atomic_write_text(path / "inputs.json", json.dumps(self.inputs.state_dict(), indent=1))
+        # weights first, the json that names them last: a crash leaves no predictor.json
+        # that points at missing or stale weights
+        weights = student if student is not None else self.model
+        name = "student.pt" if student is not None else "weights.pt"
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.", suffix=".tmp")
         os.close(fd)
-        torch.save(self.model.state_dict(), tmp)
-        os.replace(tmp, path / "weights.pt")
+        torch.save(weights.state_dict(), tmp)
+        os.replace(tmp, path / name)
+        _atomic_write_text(path / "inputs.json", json.dumps(self.inputs.state_dict(), indent=1))
+        _atomic_write_text(path / "predictor.json", json.dumps(config, indent=1, default=float))
 
     @classmethod
     def load(cls, path: Path) -> FraudPredictor:
         path = Path(path)
-        for name in ("predictor.json", "inputs.json", "weights.pt"):
+        for name in ("predictor.json", "inputs.json"):
             if not (path / name).exists():
                 raise FraudDataError(f"{path}: not a saved FraudPredictor (missing {name})")
         config = json.loads((path / "predictor.json").read_text())
-        hp = dict(config["model"])
-        model = FraudModel(hp.pop("backbone_config"), hp.pop("optim_config"), **hp)
-        state = torch.load(path / "weights.pt", weights_only=True, map_location="cpu")
-        model.load_state_dict(state)
+        spec = config.get("student")
+        weights = path / ("student.pt" if spec else "weights.pt")
+        if not weights.exists():
+            raise FraudDataError(f"{path}: not a saved FraudPredictor (missing {weights.name})")
+        state = torch.load(weights, weights_only=True, map_location="cpu")
+        model, student = None, None
+        if spec:
+            student = StudentMLP(int(spec["n_features"]), [int(h) for h in spec["hidden"]])
+            student.load_state_dict(state)
+        else:
+            hp = dict(config["model"])
+            model = FraudModel(hp.pop("backbone_config"), hp.pop("optim_config"), **hp)
+            model.load_state_dict(state)
         inputs = InputBuilder.from_state(json.loads((path / "inputs.json").read_text()))
-        return cls(model, inputs, config["calibration"], config["thresholds"], config["options"])
+        return cls(
+            model,
+            inputs,
+            config["calibration"],
+            config["thresholds"],
+            config["options"],
+            student=student,
+        )

@@ -76,3 +76,42 @@ def test_distill_registers_smaller_student_as_challenger(tmp_path, capsys) -> No
     teacher = load("champion").unwrap_python_model().predictor.model
     student = load("challenger").unwrap_python_model().predictor.model
     assert count_active_params(student) * 4 < count_active_params(teacher)
+
+
+@pytest.mark.slow
+def test_fraud_mlp_student_is_registered_and_scores_through_pyfunc(tmp_path, capsys) -> None:
+    """``student: {kind: mlp}`` + the shipped ``mlp_distill.yaml``: the CPU scorer becomes a
+    registered challenger whose pyfunc model scores raw rows with the student alone."""
+    from apps.fraud.config import config_path
+    from apps.fraud.fastscore import StudentMLP
+    from tests.apps.fraud.fraud_model_helpers import tiny_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(tmp_path)
+    cfg.trainer.max_epochs = 1
+    cfg.baseline.n_estimators = 20
+    cfg.to_yaml(tmp_path / "teacher.yaml")
+    cfg.student.kind, cfg.student.batch_size = "mlp", 256
+    cfg.to_yaml(tmp_path / "student.yaml")
+    base = ["--tracking-uri", uri, "fraud"]
+    assert main([*base, "train", "--config", str(tmp_path / "teacher.yaml")]) == 0
+    distill_yaml = str(config_path("mlp_distill"))
+    argv = [*base, "distill", "--config", str(tmp_path / "student.yaml")]
+    assert main([*argv, "--distill-config", distill_yaml]) == 0
+    assert "MLP student [64, 32]" in capsys.readouterr().out
+    client = mlflow.MlflowClient()
+    chall = client.get_model_version_by_alias("keel-fraud", "challenger")
+    run = client.get_run(chall.run_id)
+    assert run.data.params["distill.kind"] == "regression"
+    assert float(run.data.params["distill.alpha"]) == 1.0
+    model = mlflow.pyfunc.load_model("models:/keel-fraud@challenger")
+    predictor = model.unwrap_python_model().predictor
+    assert predictor.model is None and isinstance(predictor.student, StudentMLP)
+    from apps.fraud.readers import load_transactions
+    from apps.fraud.spec import id_columns_as_float  # the registered signature's id dtype
+
+    raw = load_transactions(cfg.data_path, predictor.schema).to_pandas()
+    frame = id_columns_as_float(raw[predictor.input_columns].tail(200), predictor.schema)
+    scored = model.predict(frame)
+    assert len(scored) == 200 and scored["score"].between(0, 1).all()
+    assert (scored["decision"] == (scored["score"] >= predictor.threshold)).all()
