@@ -69,3 +69,30 @@ def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypa
     assert all(s["per_fold"] == [means[s["candidate"]]] for s in d["summary"])
     assert "no row of the test split's delay or test period is read" in d["protocol"]
     assert set(res) == {"handbook_prequential_selection"}  # nothing else recorded
+
+
+def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypatch):
+    """``--mlp-student``: after the protocol's real fit (demo config, one epoch), the
+    deployable MLP student is distilled from that backbone; its model keys are recorded
+    beside the backbone's, with the teacher's figures of the same run."""
+    import json
+
+    from bench.fraud_bench import main
+
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1", "--threads", "1"]
+    assert main([*argv, "--mlp-student"]) == 0
+    res = json.loads((tmp_path / "fraud.json").read_text())
+    model_keys = [k for m, k in KEYS["handbook"].items() if not m.startswith("baseline/")]
+    recorded = [k for k in model_keys if k in res]  # the demo's CP@k is not at k = 100
+    assert "handbook_ap" in recorded
+    assert {k for k in res if k.endswith("_mlp_student")} == {f"{k}_mlp_student" for k in recorded}
+    for key in recorded:
+        student = res[f"{key}_mlp_student"]
+        assert 0.0 <= student["value"] <= 1.0
+        d = student["details"]
+        assert "MLP student [64, 32]" in d["protocol"]
+        assert d["student_active_params"] * 4 < d["teacher_active_params"]
+    same_run = res["handbook_ap_mlp_student"]["details"]["teacher_same_run"]
+    assert same_run["pr_auc"] == res["handbook_ap"]["value"]
+    assert "handbook_ap_lightgbm_mlp_student" not in res  # the baseline is not re-scored
