@@ -127,36 +127,49 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
     return out
 
 
-def run_mlp_student(name: str, out: Any, args: argparse.Namespace, cmd: str, rows: list) -> None:
-    """``--mlp-student``: the deployable CPU scorer (``student.kind: mlp`` +
-    ``configs/mlp_distill.yaml``, what ``keel fraud distill`` registers) distilled from the
-    backbone just trained, on the same split; records ``<key>_mlp_student`` for the
-    protocol's model keys."""
+def mlp_student_figures(
+    name: str, out: Any, args: argparse.Namespace, seed: int | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The deployable CPU scorer (``student.kind: mlp`` + ``configs/mlp_distill.yaml``,
+    what ``keel fraud distill`` registers) distilled from ``out``'s backbone on the same
+    split: ``(test metrics named as in KEYS, details)``."""
     from apps.fraud.config import config_path
     from apps.fraud.distillation import distill_mlp_predictor
     from core.distill import DistillConfig
 
     cfg = protocol_config(name, args)
     cfg.student.kind = "mlp"
+    if seed is not None:
+        cfg.seed = seed
     dcfg = DistillConfig.from_yaml(config_path("mlp_distill"))
     t0 = time.time()
     res = distill_mlp_predictor(cfg, out.predictor, dcfg, data=out.data)
     m = res.evaluation.metrics
+    metrics = {k: float(m[k]) for k in KEYS[name] if not k.startswith("baseline/") and k in m}
     details = {
         "protocol": res.evaluation.protocol,
         "seconds": round(time.time() - t0),
-        "command": cmd,
         "student": {"hidden": list(cfg.student.hidden), "epochs": cfg.student.epochs},
         "student_active_params": res.student_active_params,
         "teacher_active_params": res.teacher_active_params,
-        "teacher_same_run": {
-            k: float(out.evaluation.metrics[k]) for k in KEYS[name] if k in out.evaluation.metrics
-        },
+    }
+    return metrics, details
+
+
+def run_mlp_student(name: str, out: Any, args: argparse.Namespace, cmd: str, rows: list) -> None:
+    """``--mlp-student`` (single run): records ``<key>_mlp_student`` for the protocol's model
+    keys, with the teacher's figures of the same run."""
+    metrics, details = mlp_student_figures(name, out, args)
+    teacher = out.evaluation.metrics
+    details = {
+        **details,
+        "command": cmd,
+        "teacher_same_run": {k: float(teacher[k]) for k in KEYS[name] if k in teacher},
     }
     for metric, key in KEYS[name].items():
-        if not metric.startswith("baseline/") and metric in m:
-            record("fraud", f"{key}_mlp_student", float(m[metric]), details)
-            rows.append((f"{key}_mlp_student", m[metric]))
+        if metric in metrics:
+            record("fraud", f"{key}_mlp_student", metrics[metric], details)
+            rows.append((f"{key}_mlp_student", metrics[metric]))
 
 
 def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> dict[str, Any]:
@@ -165,9 +178,11 @@ def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> d
     torch.set_num_threads(threads)
     out, secs = fit_protocol(name, args, seed)
     m = out.evaluation.metrics
+    student = mlp_student_figures(name, out, args, seed)[0] if args.mlp_student else {}
     return {
         "seed": seed,
         "metrics": {k: float(m[k]) for k in KEYS[name] if k in m},
+        "mlp_student_metrics": student,
         "best_epoch": out.extra.get("best_epoch"),
         "best_val_ap": out.extra.get("best_val_ap"),  # what chose the epoch; validation only
         "lightgbm_trees": out.baseline.best_iteration_ if out.baseline is not None else None,
@@ -226,6 +241,21 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None
         rows.append((f"{key}_seeds_mean", mean))
         if sd is not None:
             rows.append((f"{key}_seeds_sd", sd))
+        svals = [r["mlp_student_metrics"].get(metric) for r in runs]
+        if all(v is not None for v in svals):  # model keys of a --mlp-student run
+            smean = statistics.fmean(svals)
+            ssd = statistics.stdev(svals) if len(svals) > 1 else None
+            sdet = {**details, "sd": ssd, "per_seed": svals, "model": "deployable MLP student"}
+            if lgb in runs[0]["metrics"] and metric == ap:
+                sdiff = [r["mlp_student_metrics"][ap] - r["metrics"][lgb] for r in runs]
+                sdet["student_minus_lightgbm_pr_auc"] = {
+                    "mean": statistics.fmean(sdiff),
+                    "sd": statistics.stdev(sdiff) if len(sdiff) > 1 else None,
+                    "student_wins": sum(d > 0 for d in sdiff),
+                    "n_seeds": len(sdiff),
+                }
+            record("fraud", f"{key}_mlp_student_seeds_mean", smean, sdet)
+            rows.append((f"{key}_mlp_student_seeds_mean", smean))
 
 
 def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None:

@@ -30,7 +30,7 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1"]
-    assert main([*argv, "--seeds", "0", "1", "--threads", "1"]) == 0
+    assert main([*argv, "--seeds", "0", "1", "--threads", "1", "--mlp-student"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     ap = res["handbook_ap_seeds_mean"]
     per_seed = [r["metrics"]["pr_auc"] for r in ap["details"]["runs"]]
@@ -44,6 +44,12 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
     assert paired["mean"] == statistics.fmean([a - b for a, b in zip(per_seed, lgb, strict=True)])
     assert paired["backbone_wins"] == sum(a > b for a, b in zip(per_seed, lgb, strict=True))
     assert "handbook_ap" not in res  # the single-run headline keys are left alone
+    # --mlp-student: each seed's backbone teaches a student of the same seed
+    st = res["handbook_ap_mlp_student_seeds_mean"]
+    s_ap = [r["mlp_student_metrics"]["pr_auc"] for r in st["details"]["runs"]]
+    assert st["details"]["per_seed"] == s_ap and st["value"] == statistics.fmean(s_ap)
+    s_diff = st["details"]["student_minus_lightgbm_pr_auc"]
+    assert s_diff["mean"] == statistics.fmean([a - b for a, b in zip(s_ap, lgb, strict=True)])
 
 
 def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypatch):
