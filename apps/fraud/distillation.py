@@ -63,6 +63,39 @@ def build_student(
     return build_model(cfg, teacher.inputs, pos_weight, train)
 
 
+def teacher_and_data(
+    cfg: FraudConfig, teacher: FraudPredictor, data: PreparedData | None
+) -> PreparedData:
+    """``cfg``'s data (loaded when ``data`` is None), checked against the teacher: the same
+    schema, and a validation block to calibrate and threshold the student on."""
+    if not isinstance(teacher, FraudPredictor):
+        raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
+    data = data or load_data(cfg)
+    if data.schema.name != teacher.schema.name:
+        raise FraudDataError(
+            f"teacher schema {teacher.schema.name!r} but the student config reads"
+            f" {data.schema.name!r}: teacher and student must score the same columns"
+        )
+    if len(data.split.valid) == 0:
+        raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
+    return data
+
+
+def validation_calibration(
+    cfg: FraudConfig, data: PreparedData, val_logits: np.ndarray
+) -> tuple[dict[str, Any], float, str]:
+    """``(calibration, alert threshold, rule)`` of a student from its logits on the
+    validation block, as :func:`apps.fraud.training.fit` chooses them for any model."""
+    valid = data.split.valid
+    calib = fit_calibration(val_logits, data.y[valid], cfg.head.calibration)
+    val_scores = apply_calibration(val_logits, calib)
+    amounts = data.frame.get_column(data.schema.amount_column).to_numpy()
+    threshold, rule = choose_threshold(
+        cfg, val_scores, data.y[valid], data.days[valid], amounts[valid]
+    )
+    return calib, threshold, rule
+
+
 @dataclasses.dataclass
 class DistillOutput:
     predictor: FraudPredictor
@@ -86,18 +119,9 @@ def distill_fit_predictor(
 
     ``class_weighted``: weight the teacher term per row like the task loss (frauds by the
     training rows' ``pos_weight``, legitimate rows by 1)."""
-    if not isinstance(teacher, FraudPredictor):
-        raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
     dcfg = default_distill_config(distill_cfg)
-    data = data or load_data(cfg)
-    if data.schema.name != teacher.schema.name:
-        raise FraudDataError(
-            f"teacher schema {teacher.schema.name!r} but the student config reads"
-            f" {data.schema.name!r}: teacher and student must score the same columns"
-        )
+    data = teacher_and_data(cfg, teacher, data)
     split = data.split
-    if len(split.valid) == 0:
-        raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
     seed_everything(cfg.seed)
     mi = teacher.inputs.transform(data.frame)
     rows, pos_weight = training_rows(data, cfg)
@@ -130,12 +154,7 @@ def distill_fit_predictor(
         extra_callbacks=callbacks,
     )
     val_logits = predict_logits(student, mi.take(split.valid))
-    calib = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
-    val_scores = apply_calibration(val_logits, calib)
-    amounts = data.frame.get_column(data.schema.amount_column).to_numpy()
-    threshold, rule = choose_threshold(
-        cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
-    )
+    calib, threshold, rule = validation_calibration(cfg, data, val_logits)
     predictor = FraudPredictor(
         student,
         teacher.inputs,
@@ -177,18 +196,9 @@ def distill_mlp_predictor(
     alpha 1). The predictor holds the student and no backbone."""
     from apps.fraud.fastscore import distill_student, student_distill_config
 
-    if not isinstance(teacher, FraudPredictor):
-        raise FraudDataError(f"the teacher must be a FraudPredictor, got {type(teacher).__name__}")
     dcfg = student_distill_config(distill_cfg)
-    data = data or load_data(cfg)
-    if data.schema.name != teacher.schema.name:
-        raise FraudDataError(
-            f"teacher schema {teacher.schema.name!r} but the student config reads"
-            f" {data.schema.name!r}: teacher and student must score the same columns"
-        )
+    data = teacher_and_data(cfg, teacher, data)
     split = data.split
-    if len(split.valid) == 0:
-        raise FraudDataError("the protocol leaves no validation rows for calibration/threshold")
     mi = teacher.inputs.transform(data.frame)
     t_logits, _ = teacher.score_inputs(mi.take(split.train))
     sc = cfg.student
@@ -210,12 +220,7 @@ def distill_mlp_predictor(
         None, teacher.inputs, {"method": "none"}, {"alert": 0.5}, options, student=student
     )
     val_logits, _ = predictor.score_inputs(mi.take(split.valid))
-    predictor.calibration = fit_calibration(val_logits, data.y[split.valid], cfg.head.calibration)
-    val_scores = apply_calibration(val_logits, predictor.calibration)
-    amounts = data.frame.get_column(data.schema.amount_column).to_numpy()
-    threshold, rule = choose_threshold(
-        cfg, val_scores, data.y[split.valid], data.days[split.valid], amounts[split.valid]
-    )
+    predictor.calibration, threshold, rule = validation_calibration(cfg, data, val_logits)
     predictor.thresholds = {"alert": threshold}
     predictor.options["rule"] = rule
     ev = evaluate_inputs(cfg, data, predictor, mi)
