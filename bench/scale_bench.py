@@ -1653,7 +1653,9 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         "scratch_retention": (
             rows[2]["cpm"] / teacher_cpm if scratch is not None and teacher_cpm > 0 else None
         ),
-        "distilled_beats_scratch": rows[1]["cpm"] > rows[2]["cpm"] if scratch else None,
+        "distilled_beats_scratch": (
+            rows[1]["cpm"] > rows[2]["cpm"] if scratch is not None else None
+        ),
         "throughput": throughput_summary(rows, "stage1_crops_per_s"),
         "alpha": args.alpha,
         "temperature": args.medical_temperature,
@@ -1688,22 +1690,17 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
 
 def medical_transfer_set(args: argparse.Namespace, root: Path, tcfg: Any) -> list[Any]:
     """``--medical-unlabeled-series N``: the N training-only extra phantoms of ``root``
-    (``bench.medical_bench.EXTRA_TRAIN_FILE``), prepared on the students' grid, as the
+    (:func:`bench.medical_bench.extra_train_uids`: the folder must hold exactly N), prepared on the students' grid, as the
     distilled student's transfer set; their truth rows are never read. Empty when 0."""
     from apps.medical.data import load_prepared
-    from bench.medical_bench import EXTRA_TRAIN_FILE
+    from bench.medical_bench import extra_train_uids
 
     n = int(getattr(args, "medical_unlabeled_series", 0))
     if n <= 0:
         return []
-    path = root / EXTRA_TRAIN_FILE
-    uids = [u.strip() for u in path.read_text().splitlines() if u.strip()] if path.is_file() else []
-    if len(uids) < n:
-        raise SystemExit(
-            f"--medical-unlabeled-series {n}: {root} holds {len(uids)} extra series "
-            f"({EXTRA_TRAIN_FILE}); prepare it with bench.medical_bench --extra-train-series {n}"
-        )
-    return load_prepared(tcfg, root, uids[:n])
+    want = copy.deepcopy(tcfg)
+    want.data.generate = {"extra_train_series": n}
+    return load_prepared(tcfg, root, extra_train_uids(root, want))
 
 
 # ============================================================================ ddp2

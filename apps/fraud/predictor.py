@@ -137,7 +137,9 @@ class FraudPredictor:
         student: StudentMLP | None = None,
     ) -> None:
         if (model is None) == (student is None):
-            raise FraudDataError("a FraudPredictor scores with a backbone or a student, not both")
+            raise FraudDataError(
+                "a FraudPredictor scores with exactly one of: a backbone or a student"
+            )
         self.model = model.cpu().eval() if model is not None else None
         self.student = student.cpu().eval() if student is not None else None
         self.inputs = inputs
@@ -246,26 +248,29 @@ class FraudPredictor:
             self.student(x).sum().backward()
         return (x.grad * x).detach().numpy()
 
+    def _contributions(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-row contributions to the logit, one column per :meth:`_reason_names` entry."""
+        if self.student is not None:
+            return self._student_contributions(arrays["x_num"])
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return self.model.attributions(batch)[1].numpy()
+
+    def _reason_names(self) -> list[str]:
+        """What the scorer reads: a student the numeric features; the backbone every
+        feature token, plus the card's history sequence when it has one."""
+        if self.student is not None:
+            return list(self.inputs.feature_columns.numeric)
+        history = ["card_history"] if self.model.history_len else []
+        return self.inputs.feature_columns.all + history
+
     def explain_inputs(self, arrays: dict[str, np.ndarray], top: int | None = None) -> list[str]:
         """``"feat=+0.21; feat2=-0.05"`` per row: the ``top`` largest |contributions|."""
         top = top or int(self.options["n_reasons"])
-        if self.student is not None:
-            names = list(self.inputs.feature_columns.numeric)
-        else:
-            names = self.inputs.feature_columns.all + (
-                ["card_history"] if self.model.history_len else []
-            )
+        names = self._reason_names()
         out: list[str] = []
         bs = 512
         for s in range(0, len(arrays["x_num"]), bs):
-            if self.student is not None:
-                c = self._student_contributions(arrays["x_num"][s : s + bs])
-            else:
-                batch = {
-                    k: torch.from_numpy(np.ascontiguousarray(v[s : s + bs]))
-                    for k, v in arrays.items()
-                }
-                c = self.model.attributions(batch)[1].numpy()
+            c = self._contributions({k: v[s : s + bs] for k, v in arrays.items()})
             for row in c:
                 idx = np.argsort(-np.abs(row), kind="stable")[:top]
                 out.append("; ".join(f"{names[i]}={row[i]:+.2f}" for i in idx))
@@ -345,8 +350,8 @@ class FraudPredictor:
             "thresholds": self.thresholds,
             "options": self.options,
         }
-        # weights first, the json that names them last: a crash leaves no predictor.json
-        # that points at missing or stale weights
+        # weights first, the json that names them last: a first save cut short leaves no
+        # predictor.json, so no half-written folder loads as a predictor
         weights = student if student is not None else self.model
         name = "student.pt" if student is not None else "weights.pt"
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.", suffix=".tmp")

@@ -222,7 +222,7 @@ def test_tiny_medical_distillation_with_an_unlabeled_transfer_set(tmp_path) -> N
     t_cpm = d["rows"][0]["cpm"]  # an untrained tiny teacher may find nothing
     assert value == pytest.approx(d["rows"][1]["cpm"] / t_cpm if t_cpm > 0 else 0.0)
     (root / EXTRA_TRAIN_FILE).write_text("")
-    with pytest.raises(SystemExit, match="holds 0 extra series"):
+    with pytest.raises(SystemExit, match="holds 0 extra training series"):
         sb.medical_transfer_set(args, root, tcfg)
 
 
