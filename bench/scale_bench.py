@@ -1374,6 +1374,11 @@ def medical_configs(args: argparse.Namespace, root: Path) -> tuple[Any, Any]:
         patch=getattr(args, "medical_student_patch", None),
         full_attention=getattr(args, "medical_student_full_attention", False),
     )
+    ema = getattr(args, "medical_ema_decay", None)
+    if ema is not None:
+        # both students, so the distilled-vs-scratch comparison keeps one recipe
+        for stage in (s.detector, s.fp_reduction):
+            stage.trainer = dataclasses.replace(stage.trainer, ema_decay=float(ema))
     return t, s
 
 
@@ -1675,6 +1680,7 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         "minutes_per_model": args.medical_minutes,
         "teacher_dir": args.medical_teacher_dir,
         "student_detector": dense_student_summary(scfg.detector),
+        "student_ema_decay": scfg.detector.trainer.ema_decay,
         "protocol": "LUNA16 FROC / CPM (apps/medical/froc.py) on held-out synthetic series",
         "machine": machine(),
         "seed": args.seed,
@@ -1685,6 +1691,8 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         details["warning_cpm"] = "teacher CPM is 0: retention undefined, recorded as 0"
     retention = rows[1]["cpm"] / teacher_cpm if teacher_cpm > 0 else 0.0
     key = "medical_student_retention" + (f"_unlabeled{len(unlabeled)}" if unlabeled else "")
+    if scfg.detector.trainer.ema_decay is not None:
+        key += f"_ema{scfg.detector.trainer.ema_decay:g}"
     return {key: (retention, details)}
 
 
@@ -2508,6 +2516,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dense: N more phantoms (bench.medical_bench --extra-train-series N; their "
         "truth never read) as the distilled student's transfer set; the scratch student "
         "cannot use them. Recorded under medical_student_retention_unlabeled<N>",
+    )
+    ap.add_argument(
+        "--medical-ema-decay",
+        type=float,
+        default=None,
+        help="both students (distilled and scratch) ship the exponential moving average of"
+        " their weights (TrainerConfig.ema_decay); recorded under"
+        " medical_student_retention_ema<decay>",
     )
     ap.add_argument(
         "--medical-hidden-weight",

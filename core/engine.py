@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from core.backbone import Backbone, BackboneOutput
-from core.callbacks import CompileBlocks, ExpertBiasUpdate, max_over_mean
+from core.callbacks import CompileBlocks, EMAWeights, ExpertBiasUpdate, max_over_mean
 from core.config import BackboneConfig
 from core.growth import GrowthCallback, GrowthSchedule
 from core.optim import OptimConfig, build_adamw, build_warmup_cosine
@@ -410,9 +410,27 @@ class TrainerConfig:
     expert_bias_update: bool = True
     ddp_find_unused_parameters: bool = False
     growth: GrowthSchedule | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         self.precision = str(self.precision)
+        if self.ema_decay is not None:
+            self.ema_decay = float(self.ema_decay)
+            if not 0.0 < self.ema_decay < 1.0:
+                raise ValueError(
+                    f"TrainerConfig.ema_decay={self.ema_decay}: expected 0 < ema_decay < 1"
+                    " (or null for no averaging)"
+                )
+            if self.strategy == "fsdp2":
+                raise ValueError(
+                    "TrainerConfig.ema_decay is not wired for strategy='fsdp2' (the averages"
+                    " would have to be sharded like the parameters); use 'auto' or 'ddp'"
+                )
+            if self.growth is not None and GrowthSchedule.coerce(self.growth).steps:
+                raise ValueError(
+                    "TrainerConfig.ema_decay and a growth schedule do not combine: growth"
+                    " changes the parameters the averages follow"
+                )
         if self.growth is not None:
             self.growth = GrowthSchedule.coerce(self.growth)
             if self.strategy != "auto" and self.growth.steps:
@@ -580,6 +598,8 @@ def build_callbacks(
         callbacks.append(GrowthCallback(cfg.growth))
     if cfg.expert_bias_update:
         callbacks.append(ExpertBiasUpdate())
+    if cfg.ema_decay is not None:
+        callbacks.append(EMAWeights(cfg.ema_decay))
     if cfg.enable_checkpointing:
         callbacks.append(
             ModelCheckpoint(

@@ -168,14 +168,24 @@ def test_tiny_medical_distillation_from_a_saved_teacher(tmp_path) -> None:
 
     assert d["hidden_matching"] is None
     # hidden-state matching: student block i -> teacher block i * Lt / Ls, trained end to end
+    # (with both students' weights averaged, --medical-ema-decay, in the same run)
     args_h = _args(
-        *base, "--medical-teacher-dir", str(tmp_path / "teacher"), "--medical-hidden-weight", "0.5"
+        *base,
+        "--medical-teacher-dir",
+        str(tmp_path / "teacher"),
+        "--medical-hidden-weight",
+        "0.5",
+        "--medical-ema-decay",
+        "0.9",
     )
-    _, scfg = sb.medical_configs(args_h, sb.medical_data(args_h))
+    t_h, scfg = sb.medical_configs(args_h, sb.medical_data(args_h))
+    assert t_h.detector.trainer.ema_decay is None  # the teacher's recipe is not touched
+    assert scfg.detector.trainer.ema_decay == scfg.fp_reduction.trainer.ema_decay == 0.9
     ls, lt = scfg.detector.backbone.n_layers, tcfg.detector.backbone.n_layers
     want = {i: round(i * lt / ls) for i in range(1, ls + 1)}
     assert max(want.values()) == lt
-    value_h, d_h = sb.run_medical_distill(args_h)["medical_student_retention"]
+    value_h, d_h = sb.run_medical_distill(args_h)["medical_student_retention_ema0.9"]
+    assert d_h["student_ema_decay"] == 0.9
     assert d_h["hidden_matching"] == {"hidden_weight": 0.5, "layer_map": want}
     assert 0.0 <= value_h and d_h["rows"][1]["cpm"] >= 0.0
 
