@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +129,16 @@ def run_protocol(name: str, args: argparse.Namespace, cmd: str, rows: list) -> A
 
 
 def mlp_student_figures(
-    name: str, out: Any, args: argparse.Namespace, seed: int | None = None
+    name: str,
+    out: Any,
+    args: argparse.Namespace,
+    seed: int | None = None,
+    more_teachers: Sequence[Any] = (),
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The deployable CPU scorer (``student.kind: mlp`` + ``configs/mlp_distill.yaml``,
-    what ``keel fraud distill`` registers) distilled from ``out``'s backbone on the same
-    split: ``(test metrics named as in KEYS, details)``."""
+    what ``keel fraud distill`` registers) distilled from ``out``'s backbone (with
+    ``more_teachers``' predictors: their mean logit) on the same split: ``(test metrics
+    named as in KEYS, details)``."""
     from apps.fraud.config import config_path
     from apps.fraud.distillation import distill_mlp_predictor
     from core.distill import DistillConfig
@@ -143,12 +149,16 @@ def mlp_student_figures(
         cfg.seed = seed
     dcfg = DistillConfig.from_yaml(config_path("mlp_distill"))
     t0 = time.time()
-    res = distill_mlp_predictor(cfg, out.predictor, dcfg, data=out.data)
+    res = distill_mlp_predictor(
+        cfg, out.predictor, dcfg, data=out.data, more_teachers=more_teachers
+    )
     m = res.evaluation.metrics
     metrics = {k: float(m[k]) for k in KEYS[name] if not k.startswith("baseline/") and k in m}
     details = {
         "protocol": res.evaluation.protocol,
         "seconds": round(time.time() - t0),
+        "validation_ap": res.extra.get("validation_ap"),
+        "n_teachers": res.extra.get("n_teachers"),
         "student": {"hidden": list(cfg.student.hidden), "epochs": cfg.student.epochs},
         "student_active_params": res.student_active_params,
         "teacher_active_params": res.teacher_active_params,
@@ -170,6 +180,68 @@ def run_mlp_student(name: str, out: Any, args: argparse.Namespace, cmd: str, row
         if metric in metrics:
             record("fraud", f"{key}_mlp_student", metrics[metric], details)
             rows.append((f"{key}_mlp_student", metrics[metric]))
+
+
+def run_mlp_ensemble(name: str, out: Any, args: argparse.Namespace, cmd: str, rows: list) -> None:
+    """``--mlp-teachers K`` (with ``--mlp-student``): backbones of seeds 1..K-1 beside
+    ``out`` (seed 0, the headline run) teach one MLP student through their mean logit;
+    for every ``--student-seeds`` seed, that student and the single-teacher student of
+    ``out`` are fitted, and ``<key>_mlp_student_ens<K>`` records the ensemble students'
+    mean with both students' validation AP (what may choose between the recipes)."""
+    import statistics
+
+    teachers = [out]
+    for seed in range(1, args.mlp_teachers):
+        o, secs = fit_protocol(name, args, seed)
+        m = o.evaluation.metrics
+        print(f"[{name}] teacher seed {seed}: pr_auc {m['pr_auc']:.4f} ({secs:.0f} s)", flush=True)
+        teachers.append(o)
+    more = [t.predictor for t in teachers[1:]]
+    ens, single = [], []
+    for seed in args.student_seeds:
+        ens.append(mlp_student_figures(name, out, args, seed, more_teachers=more))
+        single.append(mlp_student_figures(name, out, args, seed))
+        print(
+            f"[{name}] student seed {seed}: ensemble-taught {ens[-1][0]} (validation AP"
+            f" {ens[-1][1]['validation_ap']:.4f}); seed-0-taught {single[-1][0]} (validation"
+            f" AP {single[-1][1]['validation_ap']:.4f})",
+            flush=True,
+        )
+    lgb = {k: float(v) for k, v in out.evaluation.metrics.items() if k.startswith("baseline/")}
+
+    def summary(runs: list) -> dict[str, Any]:
+        keys = runs[0][0]
+        return {
+            "mean": {k: statistics.fmean(r[0][k] for r in runs) for k in keys},
+            "sd": {k: statistics.stdev(r[0][k] for r in runs) for k in keys}
+            if len(runs) > 1
+            else None,
+            "per_seed": [r[0] for r in runs],
+            "validation_ap_mean": statistics.fmean(r[1]["validation_ap"] for r in runs),
+            "validation_ap_per_seed": [r[1]["validation_ap"] for r in runs],
+        }
+
+    details = {
+        "command": cmd,
+        "protocol": ens[0][1]["protocol"],
+        "student_seeds": list(args.student_seeds),
+        "n_teachers": args.mlp_teachers,
+        "teacher_seeds": list(range(args.mlp_teachers)),
+        "teachers_test": [
+            {k: float(v) for k, v in t.evaluation.metrics.items() if k in KEYS[name]}
+            for t in teachers
+        ],
+        "ensemble_taught": summary(ens),
+        "seed0_taught": summary(single),
+        "lightgbm_same_run": lgb,
+        "student_active_params": ens[0][1]["student_active_params"],
+        "teacher_active_params": ens[0][1]["teacher_active_params"],
+    }
+    for metric, key in KEYS[name].items():
+        if metric in ens[0][0]:
+            value = details["ensemble_taught"]["mean"][metric]
+            record("fraud", f"{key}_mlp_student_ens{args.mlp_teachers}", value, details)
+            rows.append((f"{key}_mlp_student_ens{args.mlp_teachers}", value))
 
 
 def _seed_run(name: str, args: argparse.Namespace, seed: int, threads: int) -> dict[str, Any]:
@@ -496,8 +568,24 @@ def main(argv: list[str] | None = None) -> int:
         help="also distil the deployable MLP student (student.kind: mlp) from each protocol's "
         "backbone and record <key>_mlp_student",
     )
+    ap.add_argument(
+        "--mlp-teachers",
+        type=int,
+        default=1,
+        help="with --mlp-student: K > 1 also distils the student from the mean logit of the"
+        " backbones of seeds 0..K-1 (records <key>_mlp_student_ens<K>)",
+    )
+    ap.add_argument(
+        "--student-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="--mlp-teachers: the student seeds fitted for each teacher",
+    )
     args = ap.parse_args(argv)
     cmd = _cmd(argv)
+    if args.mlp_teachers > 1 and (not args.mlp_student or args.seeds or args.select):
+        ap.error("--mlp-teachers needs --mlp-student in a single run (no --seeds / --select)")
     todo = args.only or ["ulb", "handbook", "throughput"]
     rows: list = []
     if args.select:
@@ -523,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                 ulb = out if name == "ulb" else ulb
                 if args.mlp_student:
                     run_mlp_student(name, out, args, cmd, rows)
+                if args.mlp_teachers > 1:
+                    run_mlp_ensemble(name, out, args, cmd, rows)
         if "throughput" in todo:
             if args.device == "cuda":
                 throughput_synthetic(cmd, rows, args.rows, "cuda")

@@ -25,9 +25,11 @@ classes (frauds ``pos_weight``, legitimate rows 1; ``DistillConfig.sample_weight
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import average_precision_score
 
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
@@ -181,11 +183,23 @@ def distill_fit_predictor(
     )
 
 
+def ensemble_logits(
+    teachers: Sequence[FraudPredictor], data: PreparedData, rows: np.ndarray
+) -> np.ndarray:
+    """Mean logit of ``teachers`` on ``data``'s ``rows``, each teacher reading the frame
+    through its own fitted input builder (their feature statistics may differ)."""
+    total = np.zeros(len(rows), dtype=np.float64)
+    for t in teachers:
+        total += t.score_inputs(t.inputs.transform(data.frame).take(rows))[0]
+    return total / len(teachers)
+
+
 def distill_mlp_predictor(
     cfg: FraudConfig,
     teacher: FraudPredictor,
     distill_cfg: DistillConfig | dict | None = None,
     data: PreparedData | None = None,
+    more_teachers: Sequence[FraudPredictor] = (),
 ) -> DistillOutput:
     """The CPU scorer (``cfg.student.kind == "mlp"``): a :class:`StudentMLP` fitted to the
     teacher's logits on every row of the training block (the teacher's soft label is known
@@ -193,14 +207,21 @@ def distill_mlp_predictor(
     either, since the validation block then calibrates the student and chooses its alert
     threshold, as for any model here). ``distill_cfg``: the teacher term
     (:func:`apps.fraud.fastscore.student_distill_config`; default MSE on the logit,
-    alpha 1). The predictor holds the student and no backbone."""
+    alpha 1). The predictor holds the student and no backbone.
+
+    ``more_teachers``: an ensemble teacher (Hinton et al.'s distillation of an ensemble
+    into one model): the soft label is the mean of every teacher's logit, each teacher
+    reading the frame through its own fitted input builder; the student reads ``teacher``'s
+    features. Scoring costs the student alone, however many teachers taught it."""
     from apps.fraud.fastscore import distill_student, student_distill_config
 
     dcfg = student_distill_config(distill_cfg)
     data = teacher_and_data(cfg, teacher, data)
     split = data.split
+    for other in more_teachers:
+        teacher_and_data(cfg, other, data)  # same schema as the data
     mi = teacher.inputs.transform(data.frame)
-    t_logits, _ = teacher.score_inputs(mi.take(split.train))
+    t_logits = ensemble_logits([teacher, *more_teachers], data, split.train)
     sc = cfg.student
     y_train = data.y[split.train] if dcfg.alpha < 1.0 else None
     student = distill_student(
@@ -229,9 +250,21 @@ def distill_mlp_predictor(
         f" its logits on the {len(split.train)} training-block rows ({sc.epochs} epochs;"
         f" teacher term {dcfg.to_dict()}); calibration and threshold on the validation block."
     )
-    extra = {"student_kind": "mlp", "student_fit_steps": student.fit_steps}
-    teacher_params = count_active_params(
-        teacher.model if teacher.model is not None else teacher.student
+    if more_teachers:
+        ev.protocol += f" Ensemble teacher: mean logit of {1 + len(more_teachers)} teachers."
+    y_valid = data.y[split.valid]
+    extra = {
+        "student_kind": "mlp",
+        "student_fit_steps": student.fit_steps,
+        "n_teachers": 1 + len(more_teachers),
+        # threshold-free, so comparable across students although the block calibrated them
+        "validation_ap": (
+            float(average_precision_score(y_valid, val_logits)) if y_valid.any() else None
+        ),
+    }
+    teacher_params = sum(
+        count_active_params(t.model if t.model is not None else t.student)
+        for t in (teacher, *more_teachers)
     )
     return DistillOutput(predictor, data, ev, count_active_params(student), teacher_params, extra)
 

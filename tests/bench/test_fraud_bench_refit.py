@@ -87,12 +87,23 @@ def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypat
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1", "--threads", "1"]
-    assert main([*argv, "--mlp-student"]) == 0
+    assert main([*argv, "--mlp-student", "--mlp-teachers", "2", "--student-seeds", "0"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     model_keys = [k for m, k in KEYS["handbook"].items() if not m.startswith("baseline/")]
     recorded = [k for k in model_keys if k in res]  # the demo's CP@k is not at k = 100
     assert "handbook_ap" in recorded
     assert {k for k in res if k.endswith("_mlp_student")} == {f"{k}_mlp_student" for k in recorded}
+    # --mlp-teachers 2: the backbones of seeds 0 and 1 teach through their mean logit
+    ens = res["handbook_ap_mlp_student_ens2"]
+    d = ens["details"]
+    assert d["n_teachers"] == 2 and d["student_seeds"] == [0]
+    assert d["teachers_test"][0]["pr_auc"] == res["handbook_ap"]["value"]
+    assert d["teachers_test"][0]["pr_auc"] != d["teachers_test"][1]["pr_auc"]
+    assert ens["value"] == d["ensemble_taught"]["per_seed"][0]["pr_auc"]
+    # the seed-0-taught student of the same seed is the --mlp-student run's
+    assert d["seed0_taught"]["per_seed"][0]["pr_auc"] == res["handbook_ap_mlp_student"]["value"]
+    assert 0.0 <= d["ensemble_taught"]["validation_ap_mean"] <= 1.0
+    assert "Ensemble teacher: mean logit of 2 teachers" in d["protocol"]
     for key in recorded:
         student = res[f"{key}_mlp_student"]
         assert 0.0 <= student["value"] <= 1.0

@@ -137,3 +137,40 @@ def test_spec_hook_routes_on_student_kind_and_config_checks(tiny_fraud_run) -> N
         StudentConfig(kind="tree")
     with pytest.raises(FraudDataError, match="backbone or a student"):
         FraudPredictor(None, out.predictor.inputs, {"method": "none"}, {"alert": 0.5})
+
+
+def test_an_ensemble_teacher_is_the_mean_of_its_teachers_logits(mlp_run) -> None:
+    """``more_teachers``: the soft label is the mean logit, each teacher through its own
+    input builder; the same teacher twice teaches exactly the single-teacher student, and
+    the run reports both teachers' parameters and the student's validation AP."""
+    from sklearn.metrics import average_precision_score
+
+    from apps.fraud.distillation import ensemble_logits
+
+    cfg, out, res = mlp_run
+    data, split = out.data, out.data.split
+    other = copy.deepcopy(out.predictor)
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = split.train[:500]
+    one = out.predictor.score_inputs(out.inputs.take(rows))[0]
+    two = other.score_inputs(other.inputs.transform(data.frame).take(rows))[0]
+    assert np.abs(one - two).max() > 1e-3  # the perturbed teacher really differs
+    np.testing.assert_allclose(
+        ensemble_logits([out.predictor, other], data, rows), (one + two) / 2, rtol=1e-6
+    )
+
+    twice = distill_mlp_predictor(cfg, out.predictor, data=data, more_teachers=[out.predictor])
+    for a, b in zip(
+        twice.predictor.student.state_dict().values(),
+        res.predictor.student.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert twice.extra["n_teachers"] == 2 and res.extra["n_teachers"] == 1
+    assert twice.teacher_active_params == 2 * res.teacher_active_params
+    val_logits = res.predictor.score_inputs(out.inputs.take(split.valid))[0]
+    want = average_precision_score(data.y[split.valid], val_logits)
+    assert res.extra["validation_ap"] == pytest.approx(want)
+    assert "Ensemble teacher: mean logit of 2 teachers" in twice.evaluation.protocol
