@@ -200,7 +200,7 @@ class EMAWeights(lightning.pytorch.Callback):
         self._params: list[Tensor] = []
         self._shadow: list[Tensor] = []
         self._resumed: list[Tensor] | None = None
-        self._swapped = False
+        self._raw: list[Tensor] | None = None  # the raw weights while validation uses averages
 
     def on_train_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
@@ -238,33 +238,38 @@ class EMAWeights(lightning.pytorch.Callback):
         self.n_updates = trainer.global_step
 
     @torch.no_grad()
-    def _swap(self) -> None:
+    def _load_averages(self) -> None:
+        # the raw weights are kept apart rather than swapped through the averages: with
+        # bf16 parameters a swap would round the float32 averages at every validation
+        self._raw = [p.detach().clone() for p in self._params]
         for p, s in zip(self._params, self._shadow, strict=True):
-            raw = p.detach().to(torch.float32, copy=True)
             p.copy_(s)
-            s.copy_(raw)
-        self._swapped = not self._swapped
+
+    @torch.no_grad()
+    def _restore_raw(self) -> None:
+        for p, r in zip(self._params, self._raw, strict=True):
+            p.copy_(r)
+        self._raw = None
 
     def on_validation_epoch_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         if self._shadow and trainer.state.fn == TrainerFn.FITTING:
-            self._swap()
+            self._load_averages()
 
     def on_validation_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        if self._swapped:
-            self._swap()
+        if self._raw is not None:
+            self._restore_raw()
 
     @torch.no_grad()
     def on_train_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        if self._swapped:  # a validation loop interrupted before its end hook
-            self._swap()
         for p, s in zip(self._params, self._shadow, strict=True):
             p.copy_(s)
+        self._raw = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

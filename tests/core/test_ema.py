@@ -155,3 +155,22 @@ def test_resumed_averages_must_match_the_module(tmp_path):
         build_trainer(cfg, extra_callbacks=[cb], logger=False).fit(
             new_task(0), datamodule=TinyData()
         )
+
+
+def test_validation_leaves_float32_averages_of_bf16_weights_unrounded():
+    """bf16 parameters (bf16-true / FP8 runs): loading the averages for validation rounds
+    what the model sees, never the float32 averages themselves, and the raw bf16 weights
+    come back bit for bit."""
+    cb = EMAWeights(0.99)
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16))
+    cb._params = [w]
+    cb._shadow = [torch.tensor([1.001, 2.002, 3.003], dtype=torch.float32)]
+    before = cb._shadow[0].clone()
+    raw = w.detach().clone()
+    cb._load_averages()
+    assert w.dtype == torch.bfloat16
+    torch.testing.assert_close(w.detach(), before.to(torch.bfloat16), rtol=0, atol=0)
+    cb._restore_raw()
+    torch.testing.assert_close(w.detach(), raw, rtol=0, atol=0)
+    torch.testing.assert_close(cb._shadow[0], before, rtol=0, atol=0)  # not rounded to bf16
+    assert not torch.equal(before.to(torch.bfloat16).float(), before)  # (rounding would show)
