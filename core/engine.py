@@ -371,6 +371,9 @@ class TrainerConfig:
     steps, continue; YAML ``growth: {steps: [{at_step, operator, kwargs}]}`` or a bare list
     of steps); ``build_trainer`` then adds a :class:`core.growth.GrowthCallback`. Growth
     needs single-process training (strategy ``auto``) and is checked here, before a run starts.
+    ``ema_decay``: ship the exponential moving average of the trainable weights
+    (:class:`core.callbacks.EMAWeights`; validation inside ``fit`` sees the average too);
+    ``None`` ships the last weights. Not with fsdp2 or a growth schedule.
     """
 
     max_epochs: int | None = 10
