@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from core.backbone import Backbone, BackboneOutput
-from core.callbacks import CompileBlocks, EMAWeights, ExpertBiasUpdate, max_over_mean
+from core.callbacks import AveragedWeights, CompileBlocks, ExpertBiasUpdate, max_over_mean
 from core.config import BackboneConfig
 from core.growth import GrowthCallback, GrowthSchedule
 from core.optim import OptimConfig, build_adamw, build_warmup_cosine
@@ -372,7 +372,7 @@ class TrainerConfig:
     of steps); ``build_trainer`` then adds a :class:`core.growth.GrowthCallback`. Growth
     needs single-process training (strategy ``auto``) and is checked here, before a run starts.
     ``ema_decay``: ship the exponential moving average of the trainable weights
-    (:class:`core.callbacks.EMAWeights`; validation inside ``fit`` sees the average too);
+    (:class:`core.callbacks.AveragedWeights`; validation inside ``fit`` sees the average);
     ``None`` ships the last weights. Not with fsdp2 or a growth schedule.
     """
 
@@ -602,7 +602,7 @@ def build_callbacks(
     if cfg.expert_bias_update:
         callbacks.append(ExpertBiasUpdate())
     if cfg.ema_decay is not None:
-        callbacks.append(EMAWeights(cfg.ema_decay))
+        callbacks.append(AveragedWeights(cfg.ema_decay))
     if cfg.enable_checkpointing:
         callbacks.append(
             ModelCheckpoint(

@@ -80,7 +80,7 @@ class HeadConfig:
     deep; ``model.WideLogit``; needs ``piecewise``).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
-    ``weight_average``: one model with averaged weights (``training.AveragedWeights``):
+    ``weight_average``: one model with averaged weights (``core.callbacks.AveragedWeights``):
     ``"ema"`` (decay ``ema_decay`` per optimizer step) or ``"uniform"`` (mean of every
     step's weights), from epoch ``average_start_epoch`` on; validation, best-epoch
     selection and the final model use the averaged weights. ``None`` = off.

@@ -31,7 +31,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import polars as pl
-import torch
 
 from apps.fraud.baseline import LightGBMBaseline, stack_features
 from apps.fraud.calibration import apply_calibration, fit_calibration
@@ -49,6 +48,7 @@ from apps.fraud.readers import file_columns, load_transactions
 from apps.fraud.schema import TS, FraudSchema, load_schema
 from apps.fraud.splits import TimeSplit, time_fraction_split, train_delay_test_split
 from apps.fraud.thresholds import threshold_for_alert_budget, threshold_for_cost
+from core.callbacks import AveragedWeights
 from core.engine import build_trainer, seed_everything
 from core.sharding import single_device_copy
 from core.spec import EvalResult
@@ -309,98 +309,6 @@ class KeepBestWeights(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is not None:
             pl_module.load_state_dict(self._state)
-
-
-class AveragedWeights(L.Callback):
-    """One model whose weights are an average of the training trajectory (Polyak / SWA).
-
-    With a few hundred frauds the weights after any one optimizer step rank the rare
-    positives with a lot of step-to-step noise: on the ULB validation block the raw
-    weights at lr 1e-3 swung between AP 0.51 and 0.89 from epoch to epoch, their average
-    stayed at 0.896-0.898 (issue #3). Kinds:
-
-    * ``decay`` a float: exponential moving average with that constant decay per step,
-      started from the weights at the start of epoch ``start_epoch`` (the initial weights
-      for 0). No warm-up: with decay 0.998 and ~60 steps per epoch the start keeps weight
-      ``0.998 ** steps``, a shrinkage towards the small initial weights that measured
-      better on ULB validation than the warm-up form (which tracks the last ~n/9 steps
-      and inherits their noise);
-    * ``decay=None``: the uniform mean of the weights after every step of epoch
-      ``start_epoch`` and later (stochastic weight averaging over steps).
-
-    Validation runs on the averaged weights (so ``KeepBestWeights`` sees and keeps
-    averaged weights: list this callback BEFORE it), training resumes on the raw weights
-    (the optimizer's trajectory is unchanged), and the averaged weights are the model
-    when fitting ends. Before the average starts, validation sees the raw weights.
-    Buffers (MoE routing biases) are not averaged: they belong to the live router.
-    """
-
-    def __init__(self, decay: float | None = None, start_epoch: int = 0) -> None:
-        if decay is not None and not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1) or None, got {decay}")
-        if start_epoch < 0:
-            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
-        self.decay, self.start_epoch = decay, start_epoch
-        self.n_updates = 0
-        self._avg: dict[str, Any] | None = None
-        self._raw: dict[str, Any] | None = None  # live weights while the average is loaded
-
-    def _params(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-
-    def _clone(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {k: p.detach().clone() for k, p in self._params(pl_module).items()}
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.n_updates, self._avg, self._raw = 0, None, None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._load_raw(pl_module)
-        started = trainer.current_epoch >= self.start_epoch
-        if started and self.decay is not None and self._avg is None:
-            self._avg = self._clone(pl_module)
-
-    def _load_raw(self, pl_module: L.LightningModule) -> None:
-        if self._raw is not None:
-            with torch.no_grad():
-                for k, p in self._params(pl_module).items():
-                    p.copy_(self._raw[k])
-            self._raw = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_) -> None:
-        self._load_raw(pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_) -> None:
-        if trainer.current_epoch < self.start_epoch:
-            return
-        self.n_updates += 1
-        if self._avg is None:  # uniform mean: the first term
-            self._avg = self._clone(pl_module)
-            return
-        weight = 1.0 - self.decay if self.decay is not None else 1.0 / self.n_updates
-        with torch.no_grad():
-            for k, p in self._params(pl_module).items():
-                self._avg[k].lerp_(p.detach(), weight)
-
-    def _load_average(self, pl_module: L.LightningModule) -> None:
-        if self._raw is None and self._avg is not None:
-            params = self._params(pl_module)
-            self._raw = self._clone(pl_module)
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(self._avg[k])
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._load_average(pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            self._load_raw(pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._load_average(pl_module)
-        self._raw = None
 
 
 def averaged_weights(cfg: FraudConfig) -> AveragedWeights | None:

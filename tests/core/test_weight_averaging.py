@@ -1,16 +1,18 @@
-"""EMAWeights (``TrainerConfig.ema_decay``) with the real Lightning Trainer on the tiny task:
-the shipped weights are the exponential average of the raw trajectory, validation inside
-``fit`` sees the average and leaves training untouched, and only trainable float
-parameters are averaged."""
+"""``core.callbacks.AveragedWeights`` (``TrainerConfig.ema_decay``; the fraud app's
+``head.weight_average``) with the real Lightning Trainer: the average follows the documented
+recurrence (EMA per optimizer step, or the uniform mean from a start epoch), validation
+inside ``fit`` sees it while the raw training trajectory is untouched, the fitted model is
+the average, and only trainable parameters are averaged, in float32."""
 
 from __future__ import annotations
 
 import lightning
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from core.callbacks import EMAWeights
+from core.callbacks import AveragedWeights
 from core.engine import TrainerConfig, build_trainer
 from core.growth import GrowthSchedule
 from tests.core.test_engine import TinyData, TinySeqTask, new_task, quiet_cfg, tiny_backbone
@@ -142,35 +144,114 @@ def test_ema_config_is_checked_up_front():
         TrainerConfig(ema_decay=0.99, growth=growth)
     assert TrainerConfig.from_dict({"ema_decay": "0.995"}).ema_decay == 0.995
     with pytest.raises(ValueError, match="decay"):
-        EMAWeights(0.0)
-
-
-def test_resumed_averages_must_match_the_module(tmp_path):
-    cb = EMAWeights(0.9)
-    cb.load_state_dict({"n_updates": 3, "shadow": [torch.zeros(2, 2)]})
-    cfg = quiet_cfg(
-        tmp_path, max_epochs=1, enable_checkpointing=False, monitor=None, limit_val_batches=0
-    )
-    with pytest.raises(ValueError, match="do not match"):
-        build_trainer(cfg, extra_callbacks=[cb], logger=False).fit(
-            new_task(0), datamodule=TinyData()
-        )
+        AveragedWeights(0.0)
+    with pytest.raises(ValueError, match="start_epoch"):
+        AveragedWeights(0.9, start_epoch=-1)
 
 
 def test_validation_leaves_float32_averages_of_bf16_weights_unrounded():
     """bf16 parameters (bf16-true / FP8 runs): loading the averages for validation rounds
     what the model sees, never the float32 averages themselves, and the raw bf16 weights
     come back bit for bit."""
-    cb = EMAWeights(0.99)
-    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16))
-    cb._params = [w]
-    cb._shadow = [torch.tensor([1.001, 2.002, 3.003], dtype=torch.float32)]
-    before = cb._shadow[0].clone()
-    raw = w.detach().clone()
-    cb._load_averages()
-    assert w.dtype == torch.bfloat16
-    torch.testing.assert_close(w.detach(), before.to(torch.bfloat16), rtol=0, atol=0)
-    cb._restore_raw()
-    torch.testing.assert_close(w.detach(), raw, rtol=0, atol=0)
-    torch.testing.assert_close(cb._shadow[0], before, rtol=0, atol=0)  # not rounded to bf16
+    module = torch.nn.Linear(3, 1, bias=False).to(torch.bfloat16)
+    cb = AveragedWeights(0.99)
+    cb._avg = {"weight": torch.tensor([[1.001, 2.002, 3.003]], dtype=torch.float32)}
+    before = cb._avg["weight"].clone()
+    raw = module.weight.detach().clone()
+    cb._load_average(module)
+    assert module.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(module.weight.detach(), before.to(torch.bfloat16), rtol=0, atol=0)
+    cb._load_raw(module)
+    torch.testing.assert_close(module.weight.detach(), raw, rtol=0, atol=0)
+    torch.testing.assert_close(cb._avg["weight"], before, rtol=0, atol=0)  # not rounded
     assert not torch.equal(before.to(torch.bfloat16).float(), before)  # (rounding would show)
+
+
+class _Lin(lightning.LightningModule):
+    """y = w x with plain SGD: every step is easy to replay by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+        self.seen_in_validation: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.lin(x).squeeze(-1) - y) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.seen_in_validation.append(self.lin.weight.detach().clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _RecordRaw(lightning.pytorch.Callback):
+    """The raw weights after each optimizer step (listed after AveragedWeights)."""
+
+    def __init__(self) -> None:
+        self.raw: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        self.raw.append(pl_module.lin.weight.detach().clone())
+
+
+def _fit(callbacks: list[lightning.pytorch.Callback], epochs: int = 2) -> _Lin:
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([1.0, 2.0, -1.0])
+    ds = torch.utils.data.TensorDataset(x, y)
+    dl = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
+    model = _Lin()
+    trainer = lightning.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(model, dl, dl)
+    return model
+
+
+def _expected_ema(raw: list[torch.Tensor], w0: torch.Tensor, decay: float) -> list[torch.Tensor]:
+    ema, out = w0.clone(), []
+    for w in raw:
+        ema = decay * ema + (1 - decay) * w
+        out.append(ema.clone())
+    return out
+
+
+def test_ema_follows_recurrence_and_leaves_training_untouched():
+    rec_plain = _RecordRaw()
+    _fit([rec_plain])
+    ema_cb, rec = AveragedWeights(0.9), _RecordRaw()
+    model = _fit([ema_cb, rec])
+    # the raw trajectory (what the optimizer sees) is the same with and without averaging
+    assert len(rec.raw) == len(rec_plain.raw) == 8
+    for a, b in zip(rec.raw, rec_plain.raw, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = _expected_ema(rec.raw, torch.tensor([[0.5, -1.0, 2.0]]), 0.9)
+    # validation after epoch 1 (step 4) and epoch 2 (step 8) ran on the averaged weights
+    assert len(model.seen_in_validation) == 8  # 4 validation batches per epoch
+    torch.testing.assert_close(model.seen_in_validation[0], expected[3])
+    torch.testing.assert_close(model.seen_in_validation[4], expected[7])
+    # and the fitted model IS the average, which differs from the last raw weights
+    torch.testing.assert_close(model.lin.weight.detach(), expected[-1])
+    assert (model.lin.weight.detach() - rec.raw[-1]).abs().max() > 1e-3
+
+
+def test_uniform_average_from_a_start_epoch():
+    """``decay=None``: the plain mean of the weights after each step of epochs >= start;
+    validation before the start sees the raw weights."""
+    avg_cb, rec = AveragedWeights(None, start_epoch=1), _RecordRaw()
+    model = _fit([avg_cb, rec], epochs=3)
+    assert len(rec.raw) == 12
+    torch.testing.assert_close(model.seen_in_validation[0], rec.raw[3])  # epoch 0: raw
+    torch.testing.assert_close(model.seen_in_validation[4], torch.stack(rec.raw[4:8]).mean(0))
+    torch.testing.assert_close(model.lin.weight.detach(), torch.stack(rec.raw[4:]).mean(0))
