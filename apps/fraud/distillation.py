@@ -34,6 +34,7 @@ from sklearn.metrics import average_precision_score
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudDataError
+from apps.fraud.inputs import ModelInputs
 from apps.fraud.model import FraudModel, loader, predict_logits
 from apps.fraud.predictor import FraudPredictor
 from apps.fraud.training import (
@@ -184,13 +185,19 @@ def distill_fit_predictor(
 
 
 def ensemble_logits(
-    teachers: Sequence[FraudPredictor], data: PreparedData, rows: np.ndarray
+    teachers: Sequence[FraudPredictor],
+    data: PreparedData,
+    rows: np.ndarray,
+    first_inputs: ModelInputs | None = None,
 ) -> np.ndarray:
     """Mean logit of ``teachers`` on ``data``'s ``rows``, each teacher reading the frame
-    through its own fitted input builder (their feature statistics may differ)."""
+    through its own fitted input builder (their feature statistics may differ).
+    ``first_inputs``: the first teacher's transform of ``data.frame`` when the caller holds
+    it (a transform of the whole frame is the expensive part)."""
     total = np.zeros(len(rows), dtype=np.float64)
-    for t in teachers:
-        total += t.score_inputs(t.inputs.transform(data.frame).take(rows))[0]
+    for i, t in enumerate(teachers):
+        mi = first_inputs if i == 0 and first_inputs is not None else t.inputs.transform(data.frame)
+        total += t.score_inputs(mi.take(rows))[0]
     return total / len(teachers)
 
 
@@ -221,7 +228,7 @@ def distill_mlp_predictor(
     for other in more_teachers:
         teacher_and_data(cfg, other, data)  # same schema as the data
     mi = teacher.inputs.transform(data.frame)
-    t_logits = ensemble_logits([teacher, *more_teachers], data, split.train)
+    t_logits = ensemble_logits([teacher, *more_teachers], data, split.train, first_inputs=mi)
     sc = cfg.student
     y_train = data.y[split.train] if dcfg.alpha < 1.0 else None
     student = distill_student(

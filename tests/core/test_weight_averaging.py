@@ -219,14 +219,6 @@ def _fit(callbacks: list[lightning.pytorch.Callback], epochs: int = 2) -> _Lin:
     return model
 
 
-def _expected_ema(raw: list[torch.Tensor], w0: torch.Tensor, decay: float) -> list[torch.Tensor]:
-    ema, out = w0.clone(), []
-    for w in raw:
-        ema = decay * ema + (1 - decay) * w
-        out.append(ema.clone())
-    return out
-
-
 def test_ema_follows_recurrence_and_leaves_training_untouched():
     rec_plain = _RecordRaw()
     _fit([rec_plain])
@@ -236,13 +228,17 @@ def test_ema_follows_recurrence_and_leaves_training_untouched():
     assert len(rec.raw) == len(rec_plain.raw) == 8
     for a, b in zip(rec.raw, rec_plain.raw, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    expected = _expected_ema(rec.raw, torch.tensor([[0.5, -1.0, 2.0]]), 0.9)
+    steps = [[torch.tensor([[0.5, -1.0, 2.0]])], *([w] for w in rec.raw)]
+
+    def ema_after(n_steps: int) -> torch.Tensor:
+        return reference_ema(steps[: n_steps + 1], 0.9)[0]
+
     # validation after epoch 1 (step 4) and epoch 2 (step 8) ran on the averaged weights
     assert len(model.seen_in_validation) == 8  # 4 validation batches per epoch
-    torch.testing.assert_close(model.seen_in_validation[0], expected[3])
-    torch.testing.assert_close(model.seen_in_validation[4], expected[7])
+    torch.testing.assert_close(model.seen_in_validation[0], ema_after(4))
+    torch.testing.assert_close(model.seen_in_validation[4], ema_after(8))
     # and the fitted model IS the average, which differs from the last raw weights
-    torch.testing.assert_close(model.lin.weight.detach(), expected[-1])
+    torch.testing.assert_close(model.lin.weight.detach(), ema_after(8))
     assert (model.lin.weight.detach() - rec.raw[-1]).abs().max() > 1e-3
 
 
