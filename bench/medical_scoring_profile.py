@@ -8,7 +8,7 @@ bank, window selection) and of one forward of ``--batch`` windows (stem + patch 
 backbone, decoder), bf16 autocast on CUDA as scoring runs. Speed does not depend on the
 weights, so students are untrained.
 
-    python -m bench.medical_scoring_profile --data <npz dir> --teacher-dir <saved detector>
+    python -m bench.medical_scoring_profile --data <npz dir> [--teacher-dir <saved detector>]
         --device cuda --students d32,s16,p4 d32,s8,p4 d24,s8,p4
 
 Prints one JSON line per model and writes them all to ``--out`` (default stdout only).
@@ -156,10 +156,14 @@ def profile_model(
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="npz folder (bench.medical_bench --prepare)")
-    ap.add_argument("--teacher-dir", required=True)
+    ap.add_argument(
+        "--teacher-dir",
+        default=str(Path(__file__).resolve().parent / "artifacts" / "medical_teacher"),
+        help="saved detector to time against (default: the committed distillation teacher)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--scans", type=int, default=6, help="held-out series timed")
     ap.add_argument("--batch", type=int, default=64, help="windows per forward")
@@ -167,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         "--students", nargs="+", type=_student_spec, default=[_student_spec("d32,s16,p4")]
     )
     ap.add_argument("--out", default=None, help="JSON file for all rows")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     from apps.medical.data import load_prepared, read_truth, split_series
     from apps.medical.predictor import NoduleDetector, build_detector

@@ -2399,6 +2399,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default=None)
     ap.add_argument("--alpha", type=float, default=0.7, help="teacher-term weight")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's CPU threads in this process (default: 2 on --device cpu, torch's own "
+        "default, every core, on cuda). Runs sharing one machine should split its cores: five "
+        "CUDA maintenance runs at torch's default on 16 cores did not finish (session 20)",
+    )
     ap.add_argument("--train-stride", type=int, default=None, help="maintenance window stride")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument(
@@ -2615,10 +2623,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cpu_threads(args: argparse.Namespace) -> int | None:
+    """torch's intra-op thread count for this run: ``--threads`` when given, else at most 2
+    on the CPU (the benchmark machine's cores) and ``None`` (leave torch's default) on CUDA."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: expected at least 1")
+        return args.threads
+    if args.device == "cpu":
+        return max(1, min(2, torch.get_num_threads()))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    threads = cpu_threads(args)
+    if threads is not None:
+        torch.set_num_threads(threads)
     results: dict[str, tuple[float | None, dict[str, Any]]] = {}
     t0 = time.perf_counter()
     if "maintenance" in args.apps:

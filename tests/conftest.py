@@ -27,22 +27,42 @@ def _restore_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_tracking() -> Iterator[None]:
-    """Put the MLflow tracking URI (process-global, and mirrored into the environment by
-    ``mlflow.set_tracking_uri``) back after each test, so a test that trains and registers
-    into its own temporary store cannot redirect later tests into that store."""
+def _mlflow_tracking_state() -> tuple[dict[str, str | None], str | None, str | None]:
+    import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils
 
-    saved_env = {var: os.environ.get(var) for var in _TRACKING_VARS}
-    saved_uri = tracking_utils._tracking_uri
+    env = {var: os.environ.get(var) for var in _TRACKING_VARS}
+    return env, tracking_utils._tracking_uri, registry_utils._registry_uri
+
+
+# Before any fixture: a session fixture (e.g. tests/pipelines' registered_store) configures
+# its own store, and restoring to what a test found would carry that store into every later
+# test of the process.
+_PRISTINE_MLFLOW = _mlflow_tracking_state()
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking() -> Iterator[None]:
+    """Put the MLflow tracking and registry URIs (process-global, and mirrored into the
+    environment by ``mlflow.set_tracking_uri`` / ``set_registry_uri``) back to what they were
+    when the suite started, after each test. A test that trains and registers into its own
+    temporary store then cannot redirect later tests into that store; tests that use a
+    shared store configure it themselves. Both URIs matter: a URI left set makes
+    ``core.tracking.start_run`` ignore ``KEEL_TRACKING_URI``, and a registry URI left set
+    resolves ``models:/`` URIs in another store (both seen under pytest-xdist, whose test
+    order differs from a single process's)."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
     yield
+    saved_env, saved_uri, saved_registry = _PRISTINE_MLFLOW
     for var, value in saved_env.items():
         if value is None:
             os.environ.pop(var, None)
         else:
             os.environ[var] = value
     tracking_utils._tracking_uri = saved_uri
+    registry_utils._registry_uri = saved_registry
 
 
 # What Lightning's launcher and torch.distributed read from, and Lightning writes back.

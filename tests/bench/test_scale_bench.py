@@ -296,3 +296,14 @@ def test_tiny_fraud_backbone_student_run() -> None:
         teacher["active_params"] / dist["active_params"]
     )
     assert d["distilled_beats_scratch"] == (dist["pr_auc"] > scratch["pr_auc"])
+
+
+def test_threads_option_overrides_the_device_default() -> None:
+    """--threads sets torch's CPU threads on either device; without it the CPU run keeps at
+    most 2 and a CUDA run leaves torch's default alone."""
+    assert sb.cpu_threads(sb.parse_args(["--device", "cuda", "--threads", "3"])) == 3
+    assert sb.cpu_threads(sb.parse_args(["--device", "cpu", "--threads", "1"])) == 1
+    assert sb.cpu_threads(sb.parse_args(["--device", "cuda"])) is None
+    assert 1 <= sb.cpu_threads(sb.parse_args(["--device", "cpu"])) <= 2
+    with pytest.raises(ValueError, match="--threads 0"):
+        sb.cpu_threads(sb.parse_args(["--threads", "0"]))
