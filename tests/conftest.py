@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import mlflow.tracking._model_registry.utils as registry_utils
+import mlflow.tracking._tracking_service.utils as tracking_utils
 import pytest
 
 _TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -27,18 +29,14 @@ def _restore_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _mlflow_tracking_state() -> tuple[dict[str, str | None], str | None, str | None]:
-    import mlflow.tracking._model_registry.utils as registry_utils
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
-    env = {var: os.environ.get(var) for var in _TRACKING_VARS}
-    return env, tracking_utils._tracking_uri, registry_utils._registry_uri
-
-
-# Before any fixture: a session fixture (e.g. tests/pipelines' registered_store) configures
-# its own store, and restoring to what a test found would carry that store into every later
-# test of the process.
-_PRISTINE_MLFLOW = _mlflow_tracking_state()
+# Taken before any fixture runs: a session fixture (e.g. tests/pipelines' registered_store)
+# configures its own store, and restoring to what each test found would carry that store into
+# every later test of the process.
+_PRISTINE_MLFLOW = (
+    {var: os.environ.get(var) for var in _TRACKING_VARS},
+    tracking_utils._tracking_uri,
+    registry_utils._registry_uri,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +49,6 @@ def _restore_mlflow_tracking() -> Iterator[None]:
     ``core.tracking.start_run`` ignore ``KEEL_TRACKING_URI``, and a registry URI left set
     resolves ``models:/`` URIs in another store (both seen under pytest-xdist, whose test
     order differs from a single process's)."""
-    import mlflow.tracking._model_registry.utils as registry_utils
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
     yield
     saved_env, saved_uri, saved_registry = _PRISTINE_MLFLOW
     for var, value in saved_env.items():
