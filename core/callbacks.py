@@ -259,8 +259,10 @@ class AveragedWeights(lightning.pytorch.Callback):
             self._avg = self._average_of_now(pl_module)
             return
         weight = 1.0 - self.decay if self.decay is not None else 1.0 / self.n_updates
-        for k, p in self._params(pl_module).items():
-            self._avg[k].lerp_(p.detach().to(torch.float32), weight)
+        # one fused multi-tensor lerp per step (this runs after every optimizer step), not a
+        # Python loop of per-parameter kernels; the dicts share named_parameters' order
+        current = [p.detach().to(torch.float32) for p in self._params(pl_module).values()]
+        torch._foreach_lerp_(list(self._avg.values()), current, weight)
 
     @torch.no_grad()
     def _load_average(self, pl_module: nn.Module) -> None:
