@@ -3,7 +3,8 @@
     python -m bench.scale_bench --device cuda --apps maintenance --skip-distill \
         --data-dir <cmapss>                                  # growth, FD004, H200 ~4 min
     python -m bench.scale_bench --device cuda --apps maintenance --skip-growth \
-        --data-dir <cmapss> --teacher-epochs 15 --student-epochs 15    # H200 ~3 min
+        --data-dir <cmapss> --teacher-epochs 15 --student-epochs 30 \
+        --maint-teacher ensemble --seed S --threads 3     # headline, S = 0-4; H200 ~4 min
     python -m bench.scale_bench --device cuda --apps medical \
         --medical-data keel_outputs/medical_bench_data64               # H200 ~5 min
     python -m bench.scale_bench --device cpu --tiny --no-record --apps maintenance medical
