@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.fraud_bench import KEYS, refit_keys
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> str:
+    """The demo protocol, data and features with a smaller backbone (d16, 4 history tokens)
+    and LightGBM budget: these tests check what the bench runs and records, not how good
+    the model is, and the demo-sized model made them the suite's slowest module."""
+    from apps.fraud.config import load_config
+
+    cfg = load_config("demo")
+    cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.attention.n_heads = 16, 32, 2
+    cfg.model.moe.n_routed_experts, cfg.model.moe.expert_hidden = 2, 16
+    cfg.head.history_len = 4
+    cfg.baseline.n_estimators, cfg.baseline.early_stopping_rounds = 60, 20
+    path = tmp_path_factory.mktemp("fraud_cfg") / "small_demo.yaml"
+    cfg.to_yaml(path)
+    return str(path)
 
 
 def test_without_refit_the_usual_keys():
@@ -19,8 +38,8 @@ def test_refit_records_step_one_under_the_usual_key_and_refit_beside_it():
     assert len(set(keys)) == 2 * len(KEYS["handbook"])
 
 
-def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
-    """``--seeds``: one real fit per seed (the demo config, one epoch); the recorded mean and
+def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch, small_demo):
+    """``--seeds``: one real fit per seed (the small demo config, one epoch); the recorded mean and
     sd are those of the per-seed figures, the seeds give different models, and the paired
     backbone - LightGBM difference is computed from the same runs."""
     import json
@@ -29,7 +48,7 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
     from bench.fraud_bench import main
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
-    argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1"]
+    argv = ["--only", "handbook", "--handbook-config", small_demo, "--epochs", "1"]
     assert main([*argv, "--seeds", "0", "1", "--threads", "1", "--mlp-student"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     ap = res["handbook_ap_seeds_mean"]
@@ -52,8 +71,8 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch):
     assert s_diff["mean"] == statistics.fmean([a - b for a, b in zip(s_ap, lgb, strict=True)])
 
 
-def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypatch):
-    """``--select``: real fits of each candidate on the demo protocol's prequential fold; the
+def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypatch, small_demo):
+    """``--select``: real fits of each candidate on the (small) demo protocol's prequential fold; the
     recorded value is the winner's mean fold metric, and the winner has the best mean."""
     import json
 
@@ -62,7 +81,16 @@ def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypa
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     grid = tmp_path / "grid.yaml"
     grid.write_text("metric: pr_auc\ncandidates:\n  a: {}\n  b: {optim.lr: 0.01}\n")
-    argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1", "--threads", "1"]
+    argv = [
+        "--only",
+        "handbook",
+        "--handbook-config",
+        small_demo,
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert main([*argv, "--select", str(grid), "--folds", "1"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     entry = res["handbook_prequential_selection"]
@@ -77,8 +105,8 @@ def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypa
     assert set(res) == {"handbook_prequential_selection"}  # nothing else recorded
 
 
-def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypatch):
-    """``--mlp-student``: after the protocol's real fit (demo config, one epoch), the
+def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypatch, small_demo):
+    """``--mlp-student``: after the protocol's real fit (small demo config, one epoch), the
     deployable MLP student is distilled from that backbone; its model keys are recorded
     beside the backbone's, with the teacher's figures of the same run."""
     import json
@@ -86,7 +114,16 @@ def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypat
     from bench.fraud_bench import main
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
-    argv = ["--only", "handbook", "--handbook-config", "demo", "--epochs", "1", "--threads", "1"]
+    argv = [
+        "--only",
+        "handbook",
+        "--handbook-config",
+        small_demo,
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert main([*argv, "--mlp-student", "--mlp-teachers", "2", "--student-seeds", "0"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     model_keys = [k for m, k in KEYS["handbook"].items() if not m.startswith("baseline/")]
@@ -109,7 +146,9 @@ def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypat
         assert 0.0 <= student["value"] <= 1.0
         d = student["details"]
         assert "MLP student [64, 32]" in d["protocol"]
-        assert d["student_active_params"] * 4 < d["teacher_active_params"]
+        # counts of the two models of this run (the small demo teacher is only 2x the
+        # student; the shipped configs' teachers are 53x, BENCHMARKS.md issue #6)
+        assert 0 < d["student_active_params"] < d["teacher_active_params"]
     same_run = res["handbook_ap_mlp_student"]["details"]["teacher_same_run"]
     assert same_run["pr_auc"] == res["handbook_ap"]["value"]
     assert "handbook_ap_lightgbm_mlp_student" not in res  # the baseline is not re-scored

@@ -46,6 +46,15 @@ def record(teacher_dir, tmp_path_factory):
     return json.loads((out / "scale.json").read_text())["fraud_student_retention"]
 
 
+@pytest.fixture(scope="module")
+def loaded_teacher(teacher_dir):
+    """``(teacher config, predictor, data, test evaluation, inputs)`` of the saved teacher,
+    loaded the way the bench loads it, once for the tests that re-fit students by hand."""
+    args = sb.parse_args(_argv(teacher_dir))
+    tcfg, _ = sb.fraud_configs(args)
+    return (tcfg, *sb.fraud_teacher(args, tcfg, None))
+
+
 def test_mlp_student_run_is_recorded(record) -> None:
     rec = record
     d = rec["details"]
@@ -99,7 +108,9 @@ def test_mlp_student_run_is_recorded(record) -> None:
     assert on["teacher"]["last"] < on["student_distilled"]["last"]  # students also see valid
 
 
-def test_mlp_students_fit_exactly_the_train_and_validation_rows(teacher_dir, record) -> None:
+def test_mlp_students_fit_exactly_the_train_and_validation_rows(
+    teacher_dir, record, loaded_teacher
+) -> None:
     """Refit both students here from the train and validation blocks named by the split
     (not by the bench's helper): the bench's test metrics must be reproduced exactly, so
     it fitted those rows and no others."""
@@ -108,9 +119,7 @@ def test_mlp_students_fit_exactly_the_train_and_validation_rows(teacher_dir, rec
     from apps.fraud.schema import TS
 
     value, d = record["value"], record["details"]
-    args = sb.parse_args(_argv(teacher_dir))
-    tcfg, _ = sb.fraud_configs(args)
-    teacher, data, t_ev, inputs = sb.fraud_teacher(args, tcfg, None)
+    tcfg, teacher, data, t_ev, inputs = loaded_teacher
     split = data.split
     rows = np.sort(np.concatenate([split.train, split.valid]))
     assert not np.isin(rows, split.test).any()
@@ -173,7 +182,7 @@ def test_delay_block_soft_labels_student(teacher_dir, tmp_path, monkeypatch) -> 
 
 
 def test_alpha_below_one_mixes_the_labels_into_the_distilled_student(
-    teacher_dir, record, tmp_path, monkeypatch
+    teacher_dir, record, loaded_teacher, tmp_path, monkeypatch
 ) -> None:
     """``--fraud-mlp-alpha 0.5``: the distilled student's loss is half the teacher term, half
     the scratch student's BCE on the same rows' labels; its own key; reproduced here."""
@@ -187,9 +196,7 @@ def test_alpha_below_one_mixes_the_labels_into_the_distilled_student(
     rec = json.loads((tmp_path / "scale.json").read_text())
     d = rec["fraud_student_retention_alpha0.5"]["details"]
     assert d["mlp"]["distill_config"]["alpha"] == 0.5
-    args = sb.parse_args(_argv(teacher_dir))
-    tcfg, _ = sb.fraud_configs(args)
-    teacher, data, _, inputs = sb.fraud_teacher(args, tcfg, None)
+    tcfg, teacher, data, _, inputs = loaded_teacher
     split = data.split
     rows = np.sort(np.concatenate([split.train, split.valid]))
     x, y = inputs.x_num[rows], data.y[rows]
@@ -210,7 +217,9 @@ def test_alpha_below_one_mixes_the_labels_into_the_distilled_student(
     assert not np.allclose(student_logits(pure, x_test), student_logits(mixed, x_test))
 
 
-def test_delay_student_with_labels_mixed_in(teacher_dir, tmp_path, monkeypatch) -> None:
+def test_delay_student_with_labels_mixed_in(
+    teacher_dir, loaded_teacher, tmp_path, monkeypatch
+) -> None:
     """``--fraud-delay-soft-labels --fraud-mlp-alpha 0.5``: the delay student keeps the
     labelled rows' labels in its task term, and the delay rows (labels unknown: NaN) get
     the teacher term alone; reproduced here with those NaN labels, and it differs from the
@@ -226,9 +235,7 @@ def test_delay_student_with_labels_mixed_in(teacher_dir, tmp_path, monkeypatch) 
     assert sb.main(argv) == 0
     rec = json.loads((tmp_path / "scale.json").read_text())
     d = rec["fraud_student_retention_demo_delay_soft_labels_alpha0.5"]["details"]
-    args = sb.parse_args(_argv(teacher_dir))
-    tcfg, _ = sb.fraud_configs(args)
-    teacher, data, _, inputs = sb.fraud_teacher(args, tcfg, None)
+    tcfg, teacher, data, _, inputs = loaded_teacher
     split = data.split
     rows = np.sort(np.concatenate([split.train, split.valid]))
     delay = np.sort(split.delay)
