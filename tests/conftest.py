@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mlflow.tracking._model_registry.utils as registry_utils
 import mlflow.tracking._tracking_service.utils as tracking_utils
@@ -58,6 +60,34 @@ def _restore_mlflow_tracking() -> Iterator[None]:
             os.environ[var] = value
     tracking_utils._tracking_uri = saved_uri
     registry_utils._registry_uri = saved_registry
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite MLflow store with its tables made and every schema migration run,
+    once per test process: MLflow does that on the first open of a new sqlite file, which
+    cost 2-4 s of CPU per store here, paid by every test that wanted a store of its own."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def sqlite_store(_migrated_mlflow_db: Path) -> Callable[[Path], str]:
+    """``sqlite_store(folder) -> uri``: a new, empty, real sqlite MLflow store at
+    ``folder/mlflow.db`` (a copy of the migrated empty store; the same file a first open
+    would have made), for tests and the CLI processes they start."""
+
+    def make(folder: Path) -> str:
+        target = Path(folder) / "mlflow.db"
+        if target.exists():
+            raise FileExistsError(f"{target}: a store is already there")
+        shutil.copyfile(_migrated_mlflow_db, target)
+        return f"sqlite:///{target}"
+
+    return make
 
 
 # What Lightning's launcher and torch.distributed read from, and Lightning writes back.

@@ -15,8 +15,8 @@ RECORDED = Path(__file__).parents[2] / "bench/results/scale.json"
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, monkeypatch, sqlite_store) -> str:
+    uri = sqlite_store(tmp_path)
     monkeypatch.chdir(tmp_path)  # artifacts beside the store, nothing in the repository
     monkeypatch.setenv("KEEL_TRACKING_URI", uri)
     yield uri

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,8 +128,10 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    return Store(tmp_path_factory.mktemp("notebook_store"))
+def store(tmp_path_factory: pytest.TempPathFactory, _migrated_mlflow_db: Path) -> Store:
+    folder = tmp_path_factory.mktemp("notebook_store")
+    shutil.copyfile(_migrated_mlflow_db, folder / "mlflow.db")  # a new store, tables made
+    return Store(folder)
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ def test_parser_has_distill_for_every_app() -> None:
 
 
 @pytest.mark.slow
-def test_distill_registers_smaller_student_as_challenger(tmp_path, capsys) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_distill_registers_smaller_student_as_challenger(tmp_path, capsys, sqlite_store) -> None:
+    uri = sqlite_store(tmp_path)
     teacher_yaml = _write_cfg(tmp_path / "teacher.yaml", d_model=32, n_layers=2, epochs=2)
     student_yaml = _write_cfg(tmp_path / "student.yaml", d_model=16, n_layers=1, epochs=1)
     dyaml = tmp_path / "distill.yaml"
@@ -79,14 +79,16 @@ def test_distill_registers_smaller_student_as_challenger(tmp_path, capsys) -> No
 
 
 @pytest.mark.slow
-def test_fraud_mlp_student_is_registered_and_scores_through_pyfunc(tmp_path, capsys) -> None:
+def test_fraud_mlp_student_is_registered_and_scores_through_pyfunc(
+    tmp_path, capsys, sqlite_store
+) -> None:
     """``student: {kind: mlp}`` + the shipped ``mlp_distill.yaml``: the CPU scorer becomes a
     registered challenger whose pyfunc model scores raw rows with the student alone."""
     from apps.fraud.config import config_path
     from apps.fraud.fastscore import StudentMLP
     from tests.apps.fraud.fraud_model_helpers import tiny_config
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     cfg = tiny_config(tmp_path)
     cfg.trainer.max_epochs = 1
     cfg.baseline.n_estimators = 20

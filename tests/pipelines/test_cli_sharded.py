@@ -52,8 +52,8 @@ def _keel_on_two_processes(uri: str, action: str, config: str) -> subprocess.Com
 
 
 @pytest.mark.slow
-def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_process_fsdp2_train_registers_one_plain_model(tmp_path, sqlite_store):
+    uri = sqlite_store(tmp_path)
     teacher_yaml = _fsdp2_config(tmp_path / "cfg.yaml", d_model=32, n_layers=2, epochs=2)
     proc = _keel_on_two_processes(uri, "train", teacher_yaml)
     assert proc.stdout.count("keel-maintenance v1 (champion)") == 1  # rank 1 printed nothing

@@ -160,7 +160,7 @@ def test_select_rejects_bad_metric_and_candidates():
 
 
 @pytest.mark.slow
-def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys):
+def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys, sqlite_store):
     from pipelines.cli import main
 
     small = {"trainer.max_epochs": 1, "model.n_layers": 1, "model.n_dense_layers": 1}
@@ -172,7 +172,7 @@ def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys):
         "metric: pr_auc\nfolds: 2\ncandidates:\n  shipped: {}\n"
         "  wide_lr: {optim.lr: 0.01, model.dropout: 0.3}\n"
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     out = tmp_path / "chosen" / "best.yaml"
     argv = ["--tracking-uri", uri, "fraud", "select", "--config", str(base_yaml)]
     assert main([*argv, "--candidates", str(grid), "--output", str(out)]) == 0

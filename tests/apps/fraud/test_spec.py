@@ -12,11 +12,11 @@ from pipelines.score import score
 from tests.apps.fraud.fraud_model_helpers import tiny_config
 
 
-def test_train_register_promote_load_and_score(tmp_path):
+def test_train_register_promote_load_and_score(tmp_path, sqlite_store):
     cfg = tiny_config(tmp_path)
     cfg.trainer.max_epochs = 1
     cfg.baseline.n_estimators = 30
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     rep = train_register_promote("fraud", cfg, tracking_uri=uri)
     assert rep.promoted and rep.metrics["pr_auc"] > rep.metrics["fraud_rate"]
     run = mlflow.get_run(rep.run_id)

@@ -90,7 +90,7 @@ def test_configs_round_trip_and_cmapss_copy_trains():
 
 
 @pytest.mark.slow
-def test_lifecycle_pyfunc_and_batch_scoring(tmp_path, monkeypatch):
+def test_lifecycle_pyfunc_and_batch_scoring(tmp_path, monkeypatch, sqlite_store):
     import mlflow
 
     from apps.maintenance.spec import SPEC, demo_score_input
@@ -98,7 +98,7 @@ def test_lifecycle_pyfunc_and_batch_scoring(tmp_path, monkeypatch):
     from pipelines.score import score
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     cfg = tiny_config(max_epochs=2)
     report = train_register_promote("maintenance", cfg, tracking_uri=uri)
     assert report.promoted and np.isfinite(report.metrics["rmse_capped"])

@@ -12,14 +12,12 @@ from tests.apps.medical.tiny import tiny_config, tiny_dataset
 
 
 @pytest.mark.slow
-def test_train_register_promote_then_serve(tmp_path):
+def test_train_register_promote_then_serve(tmp_path, sqlite_store):
     from pipelines.lifecycle import train_register_promote
 
     data = tiny_dataset(tmp_path / "data", n_series=3, seed=9)
     cfg = tiny_config(data, heldout_fraction=0.34)
-    report = train_register_promote(
-        "medical", cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
-    )
+    report = train_register_promote("medical", cfg, tracking_uri=sqlite_store(tmp_path))
     assert report.promoted
     for key in ("cpm", "sensitivity_at_1fp", "sensitivity_at_4fp"):
         assert 0.0 <= report.metrics[key] <= 1.0
