@@ -24,6 +24,11 @@ def small_demo(tmp_path_factory) -> str:
     return str(path)
 
 
+def _handbook(config: str) -> list[str]:
+    """The bench's handbook protocol on ``config`` for one epoch."""
+    return ["--only", "handbook", "--handbook-config", config, "--epochs", "1"]
+
+
 def test_without_refit_the_usual_keys():
     assert refit_keys("pr_auc", "ulb_ap", refit=False) == [("pr_auc", "ulb_ap")]
 
@@ -48,7 +53,7 @@ def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch, smal
     from bench.fraud_bench import main
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
-    argv = ["--only", "handbook", "--handbook-config", small_demo, "--epochs", "1"]
+    argv = _handbook(small_demo)
     assert main([*argv, "--seeds", "0", "1", "--threads", "1", "--mlp-student"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     ap = res["handbook_ap_seeds_mean"]
@@ -81,16 +86,7 @@ def test_select_records_every_candidates_folds_and_the_winner(tmp_path, monkeypa
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     grid = tmp_path / "grid.yaml"
     grid.write_text("metric: pr_auc\ncandidates:\n  a: {}\n  b: {optim.lr: 0.01}\n")
-    argv = [
-        "--only",
-        "handbook",
-        "--handbook-config",
-        small_demo,
-        "--epochs",
-        "1",
-        "--threads",
-        "1",
-    ]
+    argv = [*_handbook(small_demo), "--threads", "1"]
     assert main([*argv, "--select", str(grid), "--folds", "1"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     entry = res["handbook_prequential_selection"]
@@ -114,16 +110,7 @@ def test_mlp_student_records_the_deployable_students_figures(tmp_path, monkeypat
     from bench.fraud_bench import main
 
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
-    argv = [
-        "--only",
-        "handbook",
-        "--handbook-config",
-        small_demo,
-        "--epochs",
-        "1",
-        "--threads",
-        "1",
-    ]
+    argv = [*_handbook(small_demo), "--threads", "1"]
     assert main([*argv, "--mlp-student", "--mlp-teachers", "2", "--student-seeds", "0"]) == 0
     res = json.loads((tmp_path / "fraud.json").read_text())
     model_keys = [k for m, k in KEYS["handbook"].items() if not m.startswith("baseline/")]
