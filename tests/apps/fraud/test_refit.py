@@ -22,6 +22,9 @@ torch.set_num_threads(1)
 def refit_run(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("fraud_refit"), select_best="val/ap")
     cfg.head.neg_sample_rate = 1.0  # every train + validation row: exact counts
+    # a small backbone: these tests count rows, steps and epochs, not model quality
+    cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.attention.n_heads = 16, 32, 2
+    cfg.model.moe.expert_hidden, cfg.head.history_len = 16, 4
     cfg.trainer.max_epochs = 3
     cfg.baseline.n_estimators = 40
     cfg.baseline.early_stopping_rounds = 10
