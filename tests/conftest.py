@@ -91,28 +91,22 @@ def _restore_mlflow_tracking() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def _migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty sqlite MLflow store with its tables made and every schema migration run,
-    once per test process: MLflow does that on the first open of a new sqlite file, which
-    cost 2-4 s of CPU per store here, paid by every test that wanted a store of its own."""
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], str]:
+    """``sqlite_store(folder) -> uri``: a new, empty, real sqlite MLflow store at
+    ``folder/mlflow.db``, for tests, their fixtures of any scope and the CLI processes they
+    start. Each is a copy of one empty store made here once per test process: MLflow makes
+    its tables and runs every schema migration on the first open of a new sqlite file,
+    2-4 s of CPU per store, which every test that wanted a store of its own used to pay."""
     import mlflow
 
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def sqlite_store(_migrated_mlflow_db: Path) -> Callable[[Path], str]:
-    """``sqlite_store(folder) -> uri``: a new, empty, real sqlite MLflow store at
-    ``folder/mlflow.db`` (a copy of the migrated empty store; the same file a first open
-    would have made), for tests and the CLI processes they start."""
+    template = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()
 
     def make(folder: Path) -> str:
         target = Path(folder) / "mlflow.db"
         if target.exists():
             raise FileExistsError(f"{target}: a store is already there")
-        shutil.copyfile(_migrated_mlflow_db, target)
+        shutil.copyfile(template, target)
         return f"sqlite:///{target}"
 
     return make

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,9 +110,9 @@ def mlflow_uris_restored() -> Iterator[None]:
 class Store:
     """A real sqlite MLflow store; ``champion(app)`` trains + registers + promotes on demand."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, uri: str) -> None:
         self.folder = folder
-        self.uri = f"sqlite:///{folder / 'mlflow.db'}"
+        self.uri = uri
         self.reports: dict[str, Any] = {}
 
     def champion(self, app: str) -> Any:
@@ -128,10 +127,9 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, _migrated_mlflow_db: Path) -> Store:
+def store(tmp_path_factory: pytest.TempPathFactory, sqlite_store) -> Store:
     folder = tmp_path_factory.mktemp("notebook_store")
-    shutil.copyfile(_migrated_mlflow_db, folder / "mlflow.db")  # a new store, tables made
-    return Store(folder)
+    return Store(folder, sqlite_store(folder))
 
 
 @pytest.fixture(scope="module")

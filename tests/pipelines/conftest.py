@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from core import tracking
@@ -40,12 +38,12 @@ def tiny_config(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def registered_store(tmp_path_factory, _migrated_mlflow_db):
+def registered_store(tmp_path_factory, sqlite_store):
     """(workdir, LifecycleReport) of a first training run that became champion."""
     from pipelines.lifecycle import train_register_promote
 
     workdir = tmp_path_factory.mktemp("store")
-    shutil.copyfile(_migrated_mlflow_db, workdir / "mlflow.db")  # a new store, tables made
+    sqlite_store(workdir)  # the store tracking.configure resolves in workdir
     uri = tracking.configure(None, workdir)
     report = train_register_promote("core.examples.synthetic", tiny_config(), tracking_uri=uri)
     return workdir, uri, report
