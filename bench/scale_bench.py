@@ -1626,14 +1626,16 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         say(f"medical: teacher ({len(train)} training series, {len(held)} held out)")
         teacher = two_stage(tcfg)
         t_teacher = time.perf_counter() - t0
-    say("medical: distilled student")
-    t0 = time.perf_counter()
     hidden = medical_hidden_matching(args, tcfg, scfg)
-    dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature, **hidden}
-    distilled = distill_fit_predictor(
-        scfg, teacher, dcfg, scans=scans, unlabeled_scans=unlabeled
-    ).predictor
-    t_distill = time.perf_counter() - t0
+    distilled, t_distill = None, None
+    if not getattr(args, "medical_skip_distilled", False):
+        say("medical: distilled student")
+        t0 = time.perf_counter()
+        dcfg = {"alpha": args.alpha, "temperature": args.medical_temperature, **hidden}
+        distilled = distill_fit_predictor(
+            scfg, teacher, dcfg, scans=scans, unlabeled_scans=unlabeled
+        ).predictor
+        t_distill = time.perf_counter() - t0
     scratch, t_scratch = None, None
     if not getattr(args, "medical_skip_scratch", False):
         say("medical: scratch student")
@@ -1651,16 +1653,18 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         )
         if p is not None
     ]
+    by_name = {r["model"]: r for r in rows}
+    dist_row, scratch_row = by_name.get("student_distilled"), by_name.get("student_scratch")
     ratio = rows[0]["active_params"] / rows[1]["active_params"]
     teacher_cpm = rows[0]["cpm"]
     details: dict[str, Any] = {
         "rows": rows,
         "teacher_over_student_active_params": ratio,
         "scratch_retention": (
-            rows[2]["cpm"] / teacher_cpm if scratch is not None and teacher_cpm > 0 else None
+            scratch_row["cpm"] / teacher_cpm if scratch_row and teacher_cpm > 0 else None
         ),
         "distilled_beats_scratch": (
-            rows[1]["cpm"] > rows[2]["cpm"] if scratch is not None else None
+            dist_row["cpm"] > scratch_row["cpm"] if dist_row and scratch_row else None
         ),
         "throughput": throughput_summary(rows, "stage1_crops_per_s"),
         "alpha": args.alpha,
@@ -1690,7 +1694,9 @@ def run_medical_distill(args: argparse.Namespace) -> dict[str, Any]:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     if teacher_cpm <= 0:
         details["warning_cpm"] = "teacher CPM is 0: retention undefined, recorded as 0"
-    retention = rows[1]["cpm"] / teacher_cpm if teacher_cpm > 0 else 0.0
+    if dist_row is None:  # --medical-skip-distilled: the scratch twin of a recorded run
+        return {"medical_student_scratch_cpm": (scratch_row["cpm"], details)}
+    retention = dist_row["cpm"] / teacher_cpm if teacher_cpm > 0 else 0.0
     key = "medical_student_retention" + (f"_unlabeled{len(unlabeled)}" if unlabeled else "")
     if scfg.detector.trainer.ema_decay is not None:
         key += f"_ema{scfg.detector.trainer.ema_decay:g}"
@@ -2519,6 +2525,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "run of the same student and seed)",
     )
     ap.add_argument(
+        "--medical-skip-distilled",
+        action="store_true",
+        help="medical: teacher and scratch student only (key medical_student_scratch_cpm), so "
+        "a long schedule's two students can run as two processes side by side",
+    )
+    ap.add_argument(
         "--medical-unlabeled-series",
         type=int,
         default=0,
@@ -2618,6 +2630,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.growth_epochs = min(args.growth_epochs, 2)
         args.fraud_teacher_epochs = min(args.fraud_teacher_epochs, 1)
         args.fraud_student_epochs = min(args.fraud_student_epochs, 1)
+    if args.medical_skip_distilled and args.medical_skip_scratch:
+        ap.error("--medical-skip-distilled with --medical-skip-scratch trains no student")
     unknown = set(args.apps) - {"maintenance", "fraud", "medical"}
     if unknown:
         ap.error(f"apps {sorted(unknown)}: expected maintenance, fraud, medical")

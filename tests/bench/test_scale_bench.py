@@ -236,6 +236,23 @@ def test_tiny_medical_distillation_with_an_unlabeled_transfer_set(tmp_path) -> N
         sb.medical_transfer_set(args, root, tcfg)
 
 
+def test_tiny_medical_scratch_only(tmp_path) -> None:
+    """--medical-skip-distilled: teacher and scratch student only, under their own key (the
+    scratch twin of a recorded distilled run); skipping both students is refused."""
+    base, _, _, _ = _saved_dense_teacher(tmp_path)
+    argv = (*base, "--medical-teacher-dir", str(tmp_path / "teacher"))
+    out = sb.run_medical_distill(_args(*argv, "--medical-skip-distilled"))
+    assert list(out) == ["medical_student_scratch_cpm"]
+    value, d = out["medical_student_scratch_cpm"]
+    assert [r["model"] for r in d["rows"]] == ["teacher", "student_scratch"]
+    assert value == d["rows"][1]["cpm"] and d["train_seconds"]["distill"] is None
+    assert d["distilled_beats_scratch"] is None and d["teacher_over_student_active_params"] >= 4
+    t_cpm = d["rows"][0]["cpm"]
+    assert d["scratch_retention"] == (pytest.approx(value / t_cpm) if t_cpm > 0 else None)
+    with pytest.raises(SystemExit):
+        _args(*argv, "--medical-skip-distilled", "--medical-skip-scratch")
+
+
 def test_tiny_medical_scoring_speed(tmp_path) -> None:
     """--medical-scoring-only: teacher and student architecture timed per crop and per whole
     held-out scan (the sliding-window path, equal window batches); no training."""

@@ -32,13 +32,15 @@ KERNEL = "keel-notebook-test"
 
 # ----------------------------------------------------------------------------- tiny champions
 def tiny_fraud() -> Any:
-    """The fraud demo config (sample file, demo protocol) with a small model, 1 epoch."""
+    """The fraud demo config (sample file, demo protocol) with a small model (d16, the card's
+    last 4 transactions), 1 epoch."""
     from core.spec import load_app_spec
 
     cfg = load_app_spec("fraud").demo_config()
-    cfg.model.d_model = 32
-    cfg.model.ffn_hidden = 64
-    cfg.model.moe.expert_hidden = 32
+    cfg.model.d_model = 16
+    cfg.model.ffn_hidden = 32
+    cfg.model.moe.expert_hidden = 16
+    cfg.head.history_len = 4
     cfg.trainer.max_epochs = 1
     cfg.baseline.n_estimators = 30
     return cfg

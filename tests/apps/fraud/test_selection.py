@@ -164,7 +164,7 @@ def test_keel_fraud_select_logs_folds_and_writes_the_winner(tmp_path, capsys, sq
     from pipelines.cli import main
 
     small = {"trainer.max_epochs": 1, "model.n_layers": 1, "model.n_dense_layers": 1}
-    base = demo_config().with_overrides({**small, "model.d_model": 32, "head.history_len": 4})
+    base = demo_config().with_overrides({**small, "model.d_model": 16, "head.history_len": 4})
     base_yaml = tmp_path / "base.yaml"
     base.to_yaml(base_yaml)
     grid = tmp_path / "grid.yaml"
