@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +231,7 @@ def test_shipped_student_config_fits_the_bench_teacher() -> None:
     assert ratio >= 4.0, ratio
     assert scfg.detector.backbone.attention.top_k is None
     assert (scfg.detector.crop_zyx, scfg.spacing_zyx) == (tcfg.detector.crop_zyx, tcfg.spacing_zyx)
+    # the shipped schedule is the one the recorded headline figure trained
+    scale = Path(__file__).resolve().parents[3] / "bench" / "results" / "scale.json"
+    headline = json.loads(scale.read_text())["medical_student_retention"]["details"]
+    assert scfg.detector.trainer.max_epochs == headline["epochs_per_stage"] == 60
