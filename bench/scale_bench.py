@@ -792,9 +792,10 @@ def fraud_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     teacher = load_config(args.fraud_config)
     teacher.baseline.enabled = False
     teacher.seed = args.seed
-    if args.tiny:
+    if args.tiny:  # tests: a smaller backbone reading the card's last 4 transactions
         teacher.model.d_model, teacher.model.ffn_hidden = 32, 64
         teacher.model.moe.expert_hidden = 32
+        teacher.head.history_len = min(teacher.head.history_len, 4)
     student = copy.deepcopy(teacher)
     student.model = dense_student_model(
         teacher.model, args.fraud_student_d, n_layers=args.fraud_student_layers

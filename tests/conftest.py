@@ -14,24 +14,26 @@ import pytest
 _TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-# The longest modules, longest first (their wall times in a 2-worker run on a 2-core machine,
-# 2026-12-01: 100 s down to 25 s). pytest-xdist's loadscope hands whole modules to workers in
+# The longest modules, longest first (their summed test times in a 4-worker run on a 2-core
+# machine, 2026-12-01, session 22: 80 s down to 16 s). pytest-xdist's loadscope hands whole modules to workers in
 # collection order, so a long module collected last ran alone while the other worker sat idle;
 # starting with the longest lets the short ones fill in at the end.
 LONGEST_MODULES = (
-    "tests/pipelines/test_cli_sharded.py",
-    "tests/bench/test_scale_bench_fraud_mlp.py",
     "tests/notebooks/test_notebooks.py",
+    "tests/pipelines/test_cli_sharded.py",
     "tests/pipelines/test_spark_score.py",
-    "tests/bench/test_fraud_bench_refit.py",
     "tests/bench/test_scale_bench.py",
+    "tests/bench/test_fraud_bench_refit.py",
+    "tests/bench/test_scale_bench_fraud_mlp.py",
     "tests/bench/test_scale_bench_ddp2.py",
     "tests/apps/maintenance/test_distillation_mixup.py",
-    "tests/apps/fraud/test_refit.py",
     "tests/apps/fraud/test_selection.py",
     "tests/core/test_sharding.py",
-    "tests/pipelines/test_cli_distill.py",
+    "tests/apps/fraud/test_distill_selection.py",
+    "tests/pipelines/test_serving.py",
     "tests/apps/maintenance/test_spec.py",
+    "tests/apps/fraud/test_refit.py",
+    "tests/pipelines/test_cli_distill.py",
 )
 
 
