@@ -15,9 +15,9 @@ _TRACKING_VARS = ("MLFLOW_TRACKING_URI", "KEEL_TRACKING_URI", "MLFLOW_REGISTRY_U
 
 
 # The longest modules, longest first (their summed test times in a 4-worker run on a 2-core
-# machine, 2026-12-01, session 22: 80 s down to 16 s). pytest-xdist's loadscope hands whole modules to workers in
-# collection order, so a long module collected last ran alone while the other worker sat idle;
-# starting with the longest lets the short ones fill in at the end.
+# machine, 2026-12-01, session 22: 80 s down to 16 s). pytest-xdist's loadscope hands whole
+# modules to workers in collection order, so a long module collected last ran alone while the
+# other worker sat idle; starting with the longest lets the short ones fill in at the end.
 LONGEST_MODULES = (
     "tests/notebooks/test_notebooks.py",
     "tests/pipelines/test_cli_sharded.py",
