@@ -112,8 +112,7 @@ def mlflow_uris_restored() -> Iterator[None]:
 class Store:
     """A real sqlite MLflow store; ``champion(app)`` trains + registers + promotes on demand."""
 
-    def __init__(self, folder: Path, uri: str) -> None:
-        self.folder = folder
+    def __init__(self, uri: str) -> None:
         self.uri = uri
         self.reports: dict[str, Any] = {}
 
@@ -130,8 +129,7 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, sqlite_store) -> Store:
-    folder = tmp_path_factory.mktemp("notebook_store")
-    return Store(folder, sqlite_store(folder))
+    return Store(sqlite_store(tmp_path_factory.mktemp("notebook_store")))
 
 
 @pytest.fixture(scope="module")
