@@ -39,7 +39,11 @@ Fraud: the student is the teacher's backbone shrunk to ``--fraud-student-d`` x
 ``--fraud-student-layers`` (dense); its teacher term is ``--fraud-distill-kind`` (``binary``:
 tempered two-class KL; ``regression``: ``--fraud-distill-loss`` on the logit), optionally
 weighted per row like the task loss (``--fraud-class-weighted``: frauds by ``pos_weight``).
-Both students keep their best epoch by validation AP. ``--fraud-teacher-dir`` saves the
+Both students keep their best epoch by validation AP. ``--fraud-transfer-delay`` (a protocol
+with a delay block) adds a seeded share of the delay block, whose labels are not known at
+training time, to the distilled student's batches with the teacher's logits as their only
+target (key suffix ``_delay_transfer``); both students still take the same optimizer steps,
+so the distilled one gets fewer, longer epochs. ``--fraud-teacher-dir`` saves the
 teacher after training and reuses it in later runs with the same config, epochs and seed.
 ``--fraud-student mlp``: the student is instead the fastscore MLP
 (:mod:`apps.fraud.fastscore`, ``--fraud-mlp-hidden``, default 64, 32) fitted on the
@@ -111,6 +115,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
 
@@ -915,14 +920,19 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     dev = "cuda" if args.device == "cuda" else None
     say("fraud: distilled student")
     dcfg = fraud_distill_config(args)
+    transfer = fraud_transfer_rows(args, scfg, data)
+    steps = fraud_student_steps(scfg, data, transfer)
+    dscfg = copy.deepcopy(scfg)
+    dscfg.trainer.max_epochs = steps["distilled_epochs"]
     t0 = time.perf_counter()
     dout = distill_fit_predictor(
-        scfg,
+        dscfg,
         teacher,
         dcfg,
         data=data,
         device=dev,
         class_weighted=args.fraud_class_weighted,
+        transfer_rows=transfer,
     )
     t_distill = time.perf_counter() - t0
     say("fraud: scratch student")
@@ -952,6 +962,8 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
         "alpha": args.alpha,
         "distill_config": dcfg,
         "class_weighted": args.fraud_class_weighted,
+        "transfer_rows": dout.extra["transfer_rows"],
+        "optimizer_steps": steps,
         "student": {"d_model": args.fraud_student_d, "n_layers": args.fraud_student_layers},
         "best_epoch": {
             "student_distilled": dout.extra.get("best_epoch"),
@@ -971,7 +983,42 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     }
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
-    return {fraud_key(args): (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+    key = fraud_key(args) + ("_delay_transfer" if transfer is not None else "")
+    return {key: (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
+
+
+def fraud_transfer_rows(args: argparse.Namespace, scfg: Any, data: Any) -> np.ndarray | None:
+    """``--fraud-transfer-delay``: a seeded share (``--fraud-transfer-rate``, default the
+    config's ``neg_sample_rate``, the share of legitimate training rows kept) of the delay
+    block, the transactions between the training cut-off and the test block whose labels
+    are not known yet; the distilled student trains on them against the teacher's logits."""
+    if not args.fraud_transfer_delay:
+        return None
+    delay = np.sort(np.asarray(data.split.delay))
+    if len(delay) == 0:
+        raise SystemExit(f"--fraud-transfer-delay: {args.fraud_config} has no delay block")
+    rate = args.fraud_transfer_rate
+    rate = scfg.head.neg_sample_rate if rate is None else rate
+    keep = np.random.default_rng(args.seed + 10_000).random(len(delay)) < rate
+    return delay[keep]
+
+
+def fraud_student_steps(scfg: Any, data: Any, transfer: np.ndarray | None) -> dict[str, int]:
+    """Equal optimizer steps for both students: with a transfer set the distilled student's
+    epochs are longer, so it gets proportionally fewer of them (rounded, at least 1)."""
+    from apps.fraud.training import training_rows
+
+    bs, epochs = scfg.head.batch_size, scfg.trainer.max_epochs
+    n_lab = len(training_rows(data, scfg)[0])
+    n_all = n_lab + (0 if transfer is None else len(transfer))
+    per_lab, per_all = -(-n_lab // bs), -(-n_all // bs)
+    d_epochs = max(1, round(epochs * per_lab / per_all))
+    return {
+        "distilled_epochs": d_epochs,
+        "distilled": d_epochs * per_all,
+        "scratch_epochs": epochs,
+        "scratch": epochs * per_lab,
+    }
 
 
 def fraud_key(args: argparse.Namespace, name_set: bool = False) -> str:
@@ -2573,6 +2620,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraud teacher term: tempered two-class KL or regression on the logit",
     )
     ap.add_argument("--fraud-distill-loss", default="mse", choices=["mse", "huber"])
+    ap.add_argument(
+        "--fraud-transfer-delay",
+        action="store_true",
+        help="backbone student: also train the distilled student on a share of the delay "
+        "block against the teacher's logits (labels unknown there; equal steps kept)",
+    )
+    ap.add_argument(
+        "--fraud-transfer-rate",
+        type=float,
+        default=None,
+        help="share of the delay block drawn (default: the config's neg_sample_rate)",
+    )
     ap.add_argument("--fraud-temperature", type=float, default=2.0, help="binary KL only")
     ap.add_argument(
         "--fraud-class-weighted",

@@ -15,6 +15,11 @@ Three signals, combined by :class:`DistillationModule`:
 * **Stored soft labels**: :func:`produce_soft_labels` runs the teacher once over a dataset;
   :class:`SoftLabelDataset` serves those logits next to the inputs, so a student can train
   on unlabeled data (``alpha=1``) without the teacher in memory.
+* **Unlabelled rows beside labelled ones** (optional): a batch key
+  (``DistillConfig.label_mask_key``) with 1 for a labelled row and 0 for a row whose label is
+  unknown (fraud: transactions whose labels arrive after the training cut-off). The teacher term
+  covers every row; the task loss is computed on the labelled rows only, so a student can mix
+  a transfer set into its batches with ``alpha < 1`` and never read a placeholder label.
 * **Per-row weights** (optional): a batch key (``DistillConfig.sample_weight_key``) with one
   non-negative weight per row turns the teacher term's mean over rows into a weighted mean
   ``sum(w * l) / sum(w)``. With rare positives (fraud: ~0.2 % of rows) an unweighted mean
@@ -67,6 +72,8 @@ class DistillConfig(YamlConfig):
     when present the teacher is not run. ``sample_weight_key``: batch key holding one
     non-negative weight per row (shape ``[B]``); when present the teacher term is the
     weighted mean over rows (every leading position of row ``b`` gets ``w[b]``).
+    ``label_mask_key``: batch key holding 1 (labelled) or 0 (label unknown) per row (``[B]``);
+    when present the task loss sees only the labelled rows (0 for a batch without one).
     ``position_reduction``: how the teacher term reduces over the positions of one row
     (tokens, voxels) before the mean over rows: ``mean`` (default) or ``sum``. ``sum`` is for
     dense per-position heads whose task loss is a sum normalised by a few positives
@@ -90,6 +97,7 @@ class DistillConfig(YamlConfig):
     normalize_hidden: bool = True
     soft_label_key: str = "soft_labels"
     sample_weight_key: str = "sample_weight"
+    label_mask_key: str = "has_label"
     position_reduction: str = "mean"
     column_kinds: list[str] = field(default_factory=list)
     column_weights: list[float] = field(default_factory=list)
@@ -401,6 +409,19 @@ class HiddenStateMatcher(nn.Module):
 # ============================================================================ module
 
 
+def select_rows(obj: Any, rows_B: Tensor, B: int) -> Any:
+    """``obj`` (a tensor, or a mapping / list / tuple of them) restricted to the rows where
+    ``rows_B`` is true: every tensor whose leading dim is the batch size ``B`` is indexed,
+    anything else (scalars, per-batch constants) passes through unchanged."""
+    if isinstance(obj, Tensor):
+        return obj[rows_B.to(obj.device)] if obj.dim() > 0 and obj.shape[0] == B else obj
+    if isinstance(obj, Mapping):
+        return {k: select_rows(v, rows_B, B) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(select_rows(v, rows_B, B) for v in obj)
+    return obj
+
+
 def _logits_of(preds: Any, key: str = "logits") -> Tensor:
     """Predictions as one tensor: a tensor itself, or ``preds[key]`` for dict heads."""
     if isinstance(preds, Tensor):
@@ -540,7 +561,7 @@ class DistillationModule(lightning.LightningModule):
         }
         total = cfg.alpha * parts["distill"]
         if cfg.alpha < 1.0:
-            parts["task"] = self.student.loss(s_preds, batch)
+            parts["task"] = self._task_loss(s_preds, batch)
             total = total + (1.0 - cfg.alpha) * parts["task"]
         if use_hidden:
             parts["hidden"] = self.matcher(s_out.hidden_states, t_out.hidden_states, pad_BT)
@@ -548,6 +569,28 @@ class DistillationModule(lightning.LightningModule):
         parts["loss"] = total
         self._student_preds = s_preds
         return parts
+
+    def _task_loss(self, s_preds: Any, batch: Any) -> Tensor:
+        """The student's own loss, over the labelled rows only when the batch carries
+        ``cfg.label_mask_key``: unlabelled rows hold placeholder labels that must never
+        reach the loss. A batch without a labelled row contributes 0."""
+        mask = batch.get(self.cfg.label_mask_key) if isinstance(batch, Mapping) else None
+        if mask is None:
+            return self.student.loss(s_preds, batch)
+        labelled_B = mask.to(torch.bool).reshape(-1)
+        B = int(labelled_B.shape[0])
+        if B != self._batch_size:
+            raise KeelInputError(
+                f"{self.cfg.label_mask_key!r} must have one entry per row ({self._batch_size}),"
+                f" got shape {tuple(mask.shape)}"
+            )
+        if bool(labelled_B.all()):
+            return self.student.loss(s_preds, batch)
+        if not bool(labelled_B.any()):
+            return _logits_of(s_preds, self.cfg.logits_key).sum() * 0.0  # keeps the graph
+        return self.student.loss(
+            select_rows(s_preds, labelled_B, B), select_rows(batch, labelled_B, B)
+        )
 
     # ------------------------------------------------------------------ steps
     def _log_parts(self, stage: str, parts: dict[str, Tensor], batch_size: int) -> None:

@@ -20,6 +20,14 @@ training and validation rows and served as stored soft labels (the teacher is in
 mode, so this is the same target as running it in every step, at a fraction of the cost).
 ``class_weighted=True`` weights each row's teacher term like the task loss weights its
 classes (frauds ``pos_weight``, legitimate rows 1; ``DistillConfig.sample_weight_key``).
+
+``transfer_rows`` adds a transfer set: rows whose labels are not known at training time
+(the handbook protocol's delay block, whose labels arrive after the cut-off) join the
+student's training batches with the teacher's logits as their only target. Their labels are
+never read: they carry a placeholder label, are marked unlabelled
+(``DistillConfig.label_mask_key``), so the task loss skips them, and get the legitimate
+class's weight 1 in a class-weighted teacher term (their class is unknown). Validation and
+test rows are refused, so nothing evaluated is ever fitted, not even to the teacher.
 """
 
 from __future__ import annotations
@@ -117,11 +125,13 @@ def distill_fit_predictor(
     data: PreparedData | None = None,
     device: str | None = None,
     class_weighted: bool = False,
+    transfer_rows: np.ndarray | None = None,
 ) -> DistillOutput:
     """Train the student of ``cfg`` against ``teacher``; calibrate + threshold on validation.
 
     ``class_weighted``: weight the teacher term per row like the task loss (frauds by the
-    training rows' ``pos_weight``, legitimate rows by 1)."""
+    training rows' ``pos_weight``, legitimate rows by 1). ``transfer_rows``: row indices of
+    ``data`` the student also trains on, against the teacher's logits only (module doc)."""
     dcfg = default_distill_config(distill_cfg)
     data = teacher_and_data(cfg, teacher, data)
     split = data.split
@@ -130,6 +140,12 @@ def distill_fit_predictor(
     rows, pos_weight = training_rows(data, cfg)
     train = {**mi.take(rows), "y": data.y[rows]}
     valid = {**mi.take(split.valid), "y": data.y[split.valid]}
+    # built before any transfer row joins: numeric bins are cut on the training labels
+    student = build_student(cfg, teacher, pos_weight, train)
+    n_labelled = len(rows)
+    if transfer_rows is not None:
+        transfer = checked_transfer_rows(data, rows, transfer_rows)
+        train = with_transfer_rows(train, mi.take(transfer), dcfg.label_mask_key)
     if dcfg.hidden_weight == 0:  # the teacher is needed in every step only for hidden states
         for arrays in (train, valid):
             t_logits = predict_logits(teacher.model, {k: v for k, v in arrays.items() if k != "y"})
@@ -141,7 +157,6 @@ def distill_fit_predictor(
     trainer_cfg = dataclasses.replace(cfg.trainer, seed=cfg.seed)
     if device is not None:
         trainer_cfg = dataclasses.replace(trainer_cfg, accelerator=device)
-    student = build_student(cfg, teacher, pos_weight, train)
     average = averaged_weights(cfg)
     callbacks: list[Any] = [average] if average else []
     keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
@@ -171,7 +186,12 @@ def distill_fit_predictor(
         f" distillation {dcfg.to_dict()}, class-weighted teacher term {class_weighted}"
         + (f"; best epoch {keep_best.best_epoch} by {keep_best.monitor}." if keep_best else ".")
     )
-    extra = {"pos_weight": pos_weight, "class_weighted": class_weighted}
+    extra = {
+        "pos_weight": pos_weight,
+        "class_weighted": class_weighted,
+        "labelled_rows": n_labelled,
+        "transfer_rows": len(train["y"]) - n_labelled,
+    }
     if keep_best is not None:
         extra.update(best_epoch=keep_best.best_epoch, best_val_ap=keep_best.best)
     return DistillOutput(
@@ -182,6 +202,47 @@ def distill_fit_predictor(
         count_active_params(teacher.model),
         extra,
     )
+
+
+def checked_transfer_rows(
+    data: PreparedData, labelled_rows: np.ndarray, transfer_rows: np.ndarray
+) -> np.ndarray:
+    """``transfer_rows`` as sorted unique row indices, after refusing any that would put an
+    evaluated row or a labelled training row a second time into the student's batches."""
+    rows = np.unique(np.asarray(transfer_rows, dtype=np.int64))
+    n = len(data.y)
+    if len(rows) == 0:
+        raise FraudDataError("transfer_rows is empty: pass None for no transfer set")
+    if rows[0] < 0 or rows[-1] >= n:
+        raise FraudDataError(
+            f"transfer_rows must index the {n} loaded rows, got {rows[0]}..{rows[-1]}"
+        )
+    for name, block in (
+        ("validation", data.split.valid),
+        ("test", data.split.test),
+        ("labelled training", labelled_rows),
+    ):
+        clash = np.intersect1d(rows, block)
+        if len(clash):
+            raise FraudDataError(
+                f"transfer_rows holds {len(clash)} {name} rows (first: {clash[:5].tolist()}):"
+                " a transfer set may only hold rows the student is not trained or judged on"
+                " otherwise (the handbook protocol's delay block)"
+            )
+    return rows
+
+
+def with_transfer_rows(
+    train: dict[str, np.ndarray], transfer: dict[str, np.ndarray], mask_key: str
+) -> dict[str, np.ndarray]:
+    """The labelled training arrays followed by the transfer rows' inputs, with ``mask_key``
+    1 on labelled rows and 0 on transfer rows, whose ``y`` is a placeholder 0 that the
+    masked task loss never reads."""
+    n_t = len(next(iter(transfer.values())))
+    placeholder = {"y": np.zeros(n_t, dtype=train["y"].dtype)}
+    out = {k: np.concatenate([train[k], {**transfer, **placeholder}[k]]) for k in train}
+    out[mask_key] = np.concatenate([np.ones(len(train["y"])), np.zeros(n_t)]).astype(np.float32)
+    return out
 
 
 def ensemble_logits(

@@ -324,3 +324,33 @@ def test_threads_option_overrides_the_device_default() -> None:
     assert 1 <= sb.cpu_threads(sb.parse_args(["--device", "cpu"])) <= 2
     with pytest.raises(ValueError, match="--threads 0"):
         sb.cpu_threads(sb.parse_args(["--threads", "0"]))
+
+
+def test_fraud_transfer_rows_and_equal_steps() -> None:
+    """``--fraud-transfer-delay`` draws a seeded share of the delay block only, and the
+    distilled student's epochs shrink so both students take (nearly) the same steps."""
+    from types import SimpleNamespace
+
+    from apps.fraud.config import load_config
+
+    scfg = load_config("demo")
+    scfg.head.batch_size, scfg.head.neg_sample_rate, scfg.trainer.max_epochs = 100, 1.0, 32
+    y = np.zeros(5_000, dtype=np.int64)
+    y[::50] = 1
+    split = SimpleNamespace(train=np.arange(0, 1_000), delay=np.arange(2_000, 4_000))
+    data = SimpleNamespace(split=split, y=y)
+    args = sb.parse_args(["--fraud-transfer-delay", "--fraud-transfer-rate", "0.5"])
+    rows = sb.fraud_transfer_rows(args, scfg, data)
+    assert set(rows) <= set(split.delay) and 900 < len(rows) < 1_100
+    np.testing.assert_array_equal(rows, sb.fraud_transfer_rows(args, scfg, data))
+    steps = sb.fraud_student_steps(scfg, data, rows)
+    per_all = -(-(1_000 + len(rows)) // 100)
+    assert steps["scratch"] == 32 * 10 and steps["scratch_epochs"] == 32
+    assert steps["distilled_epochs"] == round(320 / per_all)
+    assert steps["distilled"] == steps["distilled_epochs"] * per_all
+    assert abs(steps["distilled"] - steps["scratch"]) <= per_all / 2
+    assert sb.fraud_student_steps(scfg, data, None)["distilled"] == 320
+    assert sb.fraud_transfer_rows(sb.parse_args([]), scfg, data) is None
+    split.delay = np.array([], dtype=np.int64)
+    with pytest.raises(SystemExit, match="no delay block"):
+        sb.fraud_transfer_rows(args, scfg, data)

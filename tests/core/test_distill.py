@@ -23,6 +23,7 @@ from core.distill import (
     soft_kl,
 )
 from core.engine import OptimConfig
+from core.errors import KeelInputError
 from core.examples.synthetic import SyntheticClassifier, _DictDataset, _tensors, make_frame
 
 torch.set_num_threads(1)
@@ -263,3 +264,39 @@ def test_alpha_zero_module_equals_student_task_loss(teacher) -> None:
         binary_distillation_loss(student(batch), teacher(batch), 0.0, alpha=1.0, temperature=2.0)
     )
     assert float(parts["distill"]) == pytest.approx(expected_kl, rel=1e-5)
+
+
+def test_label_mask_keeps_unknown_labels_out_of_the_task_loss(teacher) -> None:
+    """Rows marked unlabelled (``has_label`` 0) count in the teacher term only: the task
+    loss equals the student's loss on the labelled rows alone, their placeholder labels can
+    be anything, and a batch with no labelled row has a task loss of 0 that still trains."""
+    torch.manual_seed(4)
+    student = SyntheticClassifier(_bb(8, moe=False), OptimConfig().to_dict()).eval()
+    module = DistillationModule(student, teacher, DistillConfig(alpha=0.4))
+    batch = next(iter(_loader(64, 6, batch_size=64)))
+    mask = torch.zeros(64, dtype=torch.long)
+    mask[:40] = 1
+    with torch.no_grad():
+        plain = module.losses(batch)
+        masked = module.losses({**batch, "has_label": mask})
+        first = {k: v[:40] for k, v in batch.items()}
+        expected_task = float(student.loss(student(first), first))
+        flipped = {**batch, "y": torch.where(mask.bool(), batch["y"], 1 - batch["y"])}
+        masked_flipped = module.losses({**flipped, "has_label": mask})
+    assert float(masked["task"]) == pytest.approx(expected_task, rel=1e-5)
+    assert float(masked["task"]) != pytest.approx(float(plain["task"]), rel=1e-3)
+    assert torch.equal(masked["distill"], plain["distill"])  # the teacher term sees every row
+    assert float(masked["loss"]) == pytest.approx(
+        0.4 * float(masked["distill"]) + 0.6 * expected_task, rel=1e-5
+    )
+    assert torch.equal(masked_flipped["loss"], masked["loss"])
+
+    none = module.losses({**batch, "has_label": torch.zeros(64)})
+    assert float(none["task"]) == 0.0
+    assert float(none["loss"]) == pytest.approx(0.4 * float(none["distill"]), rel=1e-6)
+    none["loss"].backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+    with pytest.raises(KeelInputError, match="one entry per row"):
+        module.losses({**batch, "has_label": torch.ones(63)})

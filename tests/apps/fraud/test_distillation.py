@@ -11,9 +11,11 @@ import torch
 
 from apps.fraud.distillation import (
     build_student,
+    checked_transfer_rows,
     default_distill_config,
     distill,
     distill_fit_predictor,
+    with_transfer_rows,
 )
 from apps.fraud.errors import FraudDataError
 from apps.fraud.model import predict_logits
@@ -75,3 +77,52 @@ def test_spec_hook_and_errors(tiny_fraud_run) -> None:
     assert len(scored) == len(res.input_example)
     with pytest.raises(FraudDataError, match="FraudPredictor"):
         distill_fit_predictor(scfg, object(), data=out.data)
+
+
+def test_transfer_rows_train_against_the_teacher_only(tiny_fraud_run) -> None:
+    """The delay block as a transfer set: its rows join the student's batches (more steps
+    per epoch), their labels are never read (flipping every one of them changes nothing,
+    to the last bit), and evaluated or already-labelled rows are refused by name."""
+    cfg, out = tiny_fraud_run
+    data = out.data
+    scfg = _student_cfg(cfg)
+    scfg.trainer.max_epochs = 1
+    delay = np.sort(data.split.delay)
+    assert len(delay) > 0
+    dcfg = {"alpha": 0.5, "kind": "regression"}
+
+    def run(d):
+        res = distill_fit_predictor(scfg, out.predictor, dcfg, data=d, transfer_rows=delay)
+        return res, predict_logits(res.predictor.model, out.inputs.take(data.split.test))
+
+    res, logits = run(data)
+    plain = distill_fit_predictor(scfg, out.predictor, dcfg, data=data)
+    assert res.extra["transfer_rows"] == len(delay)
+    assert res.extra["labelled_rows"] == plain.extra["labelled_rows"]
+    assert plain.extra["transfer_rows"] == 0
+    plain_logits = predict_logits(plain.predictor.model, out.inputs.take(data.split.test))
+    assert not np.allclose(logits, plain_logits)  # the transfer rows did train the student
+
+    flipped = copy.copy(data)
+    flipped.y = data.y.copy()
+    flipped.y[delay] = 1 - flipped.y[delay]
+    _, logits_flipped = run(flipped)
+    np.testing.assert_array_equal(logits_flipped, logits)
+
+    rows = np.sort(data.split.train)
+    for block, name in ((data.split.valid, "validation"), (data.split.test, "test")):
+        with pytest.raises(FraudDataError, match=f"holds {len(block)} {name} rows"):
+            checked_transfer_rows(data, rows, np.concatenate([delay, block]))
+    with pytest.raises(FraudDataError, match="labelled training rows"):
+        checked_transfer_rows(data, rows, np.concatenate([delay, rows[:3]]))
+    with pytest.raises(FraudDataError, match="must index"):
+        checked_transfer_rows(data, rows, np.array([len(data.y)]))
+
+
+def test_with_transfer_rows_marks_and_masks() -> None:
+    train = {"x_num": np.ones((3, 2), np.float32), "y": np.array([1, 0, 1])}
+    transfer = {"x_num": np.zeros((2, 2), np.float32)}
+    out = with_transfer_rows(train, transfer, "has_label")
+    assert out["x_num"].shape == (5, 2)
+    np.testing.assert_array_equal(out["y"], [1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(out["has_label"], [1, 1, 1, 0, 0])
