@@ -2692,6 +2692,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fraud_student_epochs = min(args.fraud_student_epochs, 1)
     if args.medical_skip_distilled and args.medical_skip_scratch:
         ap.error("--medical-skip-distilled with --medical-skip-scratch trains no student")
+    if args.fraud_transfer_delay and args.fraud_student == "mlp":
+        ap.error(
+            "--fraud-transfer-delay is for the backbone student; the MLP student's is --fraud-delay-soft-labels"
+        )
     unknown = set(args.apps) - {"maintenance", "fraud", "medical"}
     if unknown:
         ap.error(f"apps {sorted(unknown)}: expected maintenance, fraud, medical")

@@ -354,3 +354,5 @@ def test_fraud_transfer_rows_and_equal_steps() -> None:
     split.delay = np.array([], dtype=np.int64)
     with pytest.raises(SystemExit, match="no delay block"):
         sb.fraud_transfer_rows(args, scfg, data)
+    with pytest.raises(SystemExit):  # the MLP student has its own delay option
+        sb.parse_args(["--fraud-transfer-delay", "--fraud-student", "mlp"])
