@@ -43,7 +43,9 @@ Both students keep their best epoch by validation AP. ``--fraud-transfer-delay``
 with a delay block) adds a seeded share of the delay block, whose labels are not known at
 training time, to the distilled student's batches with the teacher's logits as their only
 target (key suffix ``_delay_transfer``); both students still take the same optimizer steps,
-so the distilled one gets fewer, longer epochs. ``--fraud-teacher-dir`` saves the
+so the distilled one gets fewer, longer epochs. ``--fraud-teacher-rows unlabelled`` keeps
+the teacher term off the labelled rows (labels there, the teacher on the transfer rows only;
+key suffix ``_teacher_unlabelled``). ``--fraud-teacher-dir`` saves the
 teacher after training and reuses it in later runs with the same config, epochs and seed.
 ``--fraud-student mlp``: the student is instead the fastscore MLP
 (:mod:`apps.fraud.fastscore`, ``--fraud-mlp-hidden``, default 64, 32) fitted on the
@@ -841,6 +843,7 @@ def fraud_distill_config(args: argparse.Namespace) -> dict[str, Any]:
         "kind": args.fraud_distill_kind,
         "regression_loss": args.fraud_distill_loss,
         "temperature": args.fraud_temperature,
+        "teacher_rows": args.fraud_teacher_rows,
     }
 
 
@@ -984,6 +987,7 @@ def run_fraud_distill(args: argparse.Namespace) -> dict[str, Any]:
     if ratio < 4:
         details["warning"] = f"teacher has only {ratio:.1f}x the student's active params"
     key = fraud_key(args) + ("_delay_transfer" if transfer is not None else "")
+    key += "_teacher_unlabelled" if args.fraud_teacher_rows == "unlabelled" else ""
     return {key: (rows[1]["pr_auc"] / rows[0]["pr_auc"], details)}
 
 
@@ -2627,6 +2631,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "block against the teacher's logits (labels unknown there; equal steps kept)",
     )
     ap.add_argument(
+        "--fraud-teacher-rows",
+        default="all",
+        choices=["all", "unlabelled"],
+        help="rows the teacher term covers; unlabelled (with --fraud-transfer-delay): the "
+        "transfer rows only, labels alone elsewhere (self-training with soft pseudo-labels)",
+    )
+    ap.add_argument(
         "--fraud-transfer-rate",
         type=float,
         default=None,
@@ -2692,6 +2703,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fraud_student_epochs = min(args.fraud_student_epochs, 1)
     if args.medical_skip_distilled and args.medical_skip_scratch:
         ap.error("--medical-skip-distilled with --medical-skip-scratch trains no student")
+    if args.fraud_teacher_rows == "unlabelled" and not args.fraud_transfer_delay:
+        ap.error(
+            "--fraud-teacher-rows unlabelled needs --fraud-transfer-delay (no row is unlabelled)"
+        )
     if args.fraud_transfer_delay and args.fraud_student == "mlp":
         ap.error(
             "--fraud-transfer-delay is for the backbone student; the MLP student's is --fraud-delay-soft-labels"

@@ -20,6 +20,8 @@ Three signals, combined by :class:`DistillationModule`:
   unknown (fraud: transactions whose labels arrive after the training cut-off). The teacher term
   covers every row; the task loss is computed on the labelled rows only, so a student can mix
   a transfer set into its batches with ``alpha < 1`` and never read a placeholder label.
+  ``teacher_rows="unlabelled"`` narrows the teacher term to the unlabelled rows too (labels
+  where known, the teacher where not: self-training with soft pseudo-labels).
 * **Per-row weights** (optional): a batch key (``DistillConfig.sample_weight_key``) with one
   non-negative weight per row turns the teacher term's mean over rows into a weighted mean
   ``sum(w * l) / sum(w)``. With rare positives (fraud: ~0.2 % of rows) an unweighted mean
@@ -54,6 +56,7 @@ KINDS = ("auto", "softmax", "binary", "regression")
 REGRESSION_LOSSES = ("mse", "huber")
 COLUMN_KINDS = ("binary", "regression")
 POSITION_REDUCTIONS = ("mean", "sum")
+TEACHER_ROWS = ("all", "unlabelled")
 
 
 @dataclass
@@ -74,6 +77,10 @@ class DistillConfig(YamlConfig):
     weighted mean over rows (every leading position of row ``b`` gets ``w[b]``).
     ``label_mask_key``: batch key holding 1 (labelled) or 0 (label unknown) per row (``[B]``);
     when present the task loss sees only the labelled rows (0 for a batch without one).
+    ``teacher_rows``: which rows the teacher term covers: ``all`` (default) or ``unlabelled``
+    (only rows marked 0 under ``label_mask_key``: labels where they are known, the teacher
+    where they are not, as in self-training; 0 for a batch without such a row, and always 0
+    for batches without the mask key, e.g. validation).
     ``position_reduction``: how the teacher term reduces over the positions of one row
     (tokens, voxels) before the mean over rows: ``mean`` (default) or ``sum``. ``sum`` is for
     dense per-position heads whose task loss is a sum normalised by a few positives
@@ -98,6 +105,7 @@ class DistillConfig(YamlConfig):
     soft_label_key: str = "soft_labels"
     sample_weight_key: str = "sample_weight"
     label_mask_key: str = "has_label"
+    teacher_rows: str = "all"
     position_reduction: str = "mean"
     column_kinds: list[str] = field(default_factory=list)
     column_weights: list[float] = field(default_factory=list)
@@ -132,6 +140,10 @@ class DistillConfig(YamlConfig):
             raise ValueError(
                 f"DistillConfig.regression_loss must be one of {REGRESSION_LOSSES},"
                 f" got {self.regression_loss!r}"
+            )
+        if self.teacher_rows not in TEACHER_ROWS:
+            raise ValueError(
+                f"DistillConfig.teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}"
             )
         if self.position_reduction not in POSITION_REDUCTIONS:
             raise ValueError(
@@ -554,11 +566,7 @@ class DistillationModule(lightning.LightningModule):
         teacher_logits = (stored if stored is not None else _logits_of(t_preds, key)).detach()
         student_logits = _logits_of(s_preds, key)
         weight_B = batch.get(cfg.sample_weight_key) if isinstance(batch, Mapping) else None
-        parts = {
-            "distill": teacher_term(
-                student_logits, teacher_logits.to(student_logits.device), cfg, weight_B
-            )
-        }
+        parts = {"distill": self._teacher_term(student_logits, teacher_logits, weight_B, batch)}
         total = cfg.alpha * parts["distill"]
         if cfg.alpha < 1.0:
             parts["task"] = self._task_loss(s_preds, batch)
@@ -570,6 +578,37 @@ class DistillationModule(lightning.LightningModule):
         self._student_preds = s_preds
         return parts
 
+    def _teacher_term(
+        self, student_logits: Tensor, teacher_logits: Tensor, weight_B: Tensor | None, batch: Any
+    ) -> Tensor:
+        """:func:`teacher_term` over every row, or (``teacher_rows="unlabelled"``) over the
+        rows the batch's label mask marks 0 only; 0, with the graph kept, when none is."""
+        cfg = self.cfg
+        teacher_logits = teacher_logits.to(student_logits.device)
+        if cfg.teacher_rows == "all":
+            return teacher_term(student_logits, teacher_logits, cfg, weight_B)
+        mask = batch.get(cfg.label_mask_key) if isinstance(batch, Mapping) else None
+        B = int(student_logits.shape[0])
+        rows_B = (
+            torch.zeros(B, dtype=torch.bool, device=student_logits.device)
+            if mask is None
+            else ~self._labelled_rows(mask)
+        )
+        if not bool(rows_B.any()):
+            return student_logits.float().sum() * 0.0
+        sel = [select_rows(x, rows_B, B) for x in (student_logits, teacher_logits, weight_B)]
+        return teacher_term(sel[0], sel[1], cfg, sel[2])
+
+    def _labelled_rows(self, mask: Tensor) -> Tensor:
+        """The label mask as ``[B]`` booleans, checked against the batch size."""
+        labelled_B = mask.to(torch.bool).reshape(-1)
+        if int(labelled_B.shape[0]) != self._batch_size:
+            raise KeelInputError(
+                f"{self.cfg.label_mask_key!r} must have one entry per row ({self._batch_size}),"
+                f" got shape {tuple(mask.shape)}"
+            )
+        return labelled_B
+
     def _task_loss(self, s_preds: Any, batch: Any) -> Tensor:
         """The student's own loss, over the labelled rows only when the batch carries
         ``cfg.label_mask_key``: unlabelled rows hold placeholder labels that must never
@@ -577,13 +616,8 @@ class DistillationModule(lightning.LightningModule):
         mask = batch.get(self.cfg.label_mask_key) if isinstance(batch, Mapping) else None
         if mask is None:
             return self.student.loss(s_preds, batch)
-        labelled_B = mask.to(torch.bool).reshape(-1)
+        labelled_B = self._labelled_rows(mask)
         B = int(labelled_B.shape[0])
-        if B != self._batch_size:
-            raise KeelInputError(
-                f"{self.cfg.label_mask_key!r} must have one entry per row ({self._batch_size}),"
-                f" got shape {tuple(mask.shape)}"
-            )
         if bool(labelled_B.all()):
             return self.student.loss(s_preds, batch)
         if not bool(labelled_B.any()):

@@ -356,3 +356,7 @@ def test_fraud_transfer_rows_and_equal_steps() -> None:
         sb.fraud_transfer_rows(args, scfg, data)
     with pytest.raises(SystemExit):  # the MLP student has its own delay option
         sb.parse_args(["--fraud-transfer-delay", "--fraud-student", "mlp"])
+    with pytest.raises(SystemExit):  # without a transfer set no row is unlabelled
+        sb.parse_args(["--fraud-teacher-rows", "unlabelled"])
+    both = sb.parse_args(["--fraud-transfer-delay", "--fraud-teacher-rows", "unlabelled"])
+    assert sb.fraud_distill_config(both)["teacher_rows"] == "unlabelled"

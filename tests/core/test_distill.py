@@ -300,3 +300,29 @@ def test_label_mask_keeps_unknown_labels_out_of_the_task_loss(teacher) -> None:
 
     with pytest.raises(KeelInputError, match="one entry per row"):
         module.losses({**batch, "has_label": torch.ones(63)})
+
+
+def test_teacher_rows_unlabelled_keeps_the_teacher_off_labelled_rows(teacher) -> None:
+    """``teacher_rows="unlabelled"``: the teacher term is the plain term over the rows the
+    label mask marks 0 (class weights included), and 0 for a batch with none or no mask."""
+    torch.manual_seed(5)
+    student = SyntheticClassifier(_bb(8, moe=False), OptimConfig().to_dict()).eval()
+    cfg = DistillConfig(alpha=0.5, kind="regression", teacher_rows="unlabelled")
+    module = DistillationModule(student, teacher, cfg)
+    batch = next(iter(_loader(64, 7, batch_size=64)))
+    mask = torch.ones(64)
+    mask[::3] = 0
+    weight = torch.rand(64) + 0.5
+    with torch.no_grad():
+        parts = module.losses({**batch, "has_label": mask, "sample_weight": weight})
+        rows = mask == 0
+        expected = regression_distillation_loss(
+            student(batch)[rows], teacher(batch)[rows], 0.0, 1.0, "mse", 1.0, weight[rows]
+        )
+        labelled = module.losses({**batch, "has_label": torch.ones(64)})
+        no_mask = module.losses(batch)
+    assert float(parts["distill"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(labelled["distill"]) == 0.0 and float(no_mask["distill"]) == 0.0
+    assert float(no_mask["loss"]) == pytest.approx(0.5 * float(no_mask["task"]), rel=1e-6)
+    with pytest.raises(ValueError, match="teacher_rows"):
+        DistillConfig(teacher_rows="labelled")
