@@ -200,9 +200,11 @@ def train(cfg: SyntheticConfig, run: Any = None) -> TrainResult:
     from core.tracking import fingerprint_frame, lightning_logger
 
     dm = SyntheticDataModule(cfg)
-    model = SyntheticClassifier(cfg.backbone.to_dict(), cfg.optim.to_dict())
     logger = lightning_logger(run)
+    # the trainer seeds (``cfg.trainer.seed``): build it before the model, so the initial
+    # weights, and the demo's figures, are the same in every process
     trainer = build_trainer(cfg.trainer, logger=logger)
+    model = SyntheticClassifier(cfg.backbone.to_dict(), cfg.optim.to_dict())
     trainer.fit(model, datamodule=dm)
     predictor = SyntheticPredictor(model.cpu())
     return TrainResult(
