@@ -429,7 +429,9 @@ def select_rows(obj: Any, rows_B: Tensor, B: int) -> Any:
         return obj[rows_B.to(obj.device)] if obj.dim() > 0 and obj.shape[0] == B else obj
     if isinstance(obj, Mapping):
         return {k: select_rows(v, rows_B, B) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple takes positional args
+        return type(obj)(*(select_rows(v, rows_B, B) for v in obj))
+    if isinstance(obj, (list, tuple)):
         return type(obj)(select_rows(v, rows_B, B) for v in obj)
     return obj
 

@@ -326,3 +326,20 @@ def test_teacher_rows_unlabelled_keeps_the_teacher_off_labelled_rows(teacher) ->
     assert float(no_mask["loss"]) == pytest.approx(0.5 * float(no_mask["task"]), rel=1e-6)
     with pytest.raises(ValueError, match="teacher_rows"):
         DistillConfig(teacher_rows="labelled")
+
+
+def test_select_rows_indexes_batch_tensors_in_any_container() -> None:
+    """Tensors with the batch's leading size are indexed inside dicts, lists, tuples and
+    namedtuples; per-batch constants pass through."""
+    from collections import namedtuple
+
+    from core.distill import select_rows
+
+    Preds = namedtuple("Preds", "logits scale")
+    rows = torch.tensor([True, False, True, False])
+    out = select_rows(
+        {"p": Preds(torch.arange(4), torch.tensor(2.0)), "l": [torch.ones(4, 3)]}, rows, 4
+    )
+    assert isinstance(out["p"], Preds)
+    assert out["p"].logits.tolist() == [0, 2] and float(out["p"].scale) == 2.0
+    assert out["l"][0].shape == (2, 3)
