@@ -145,6 +145,12 @@ class LightGBMBaseline(ClassifierMixin, BaseEstimator):
         """Fraud score ``P(fraud)`` per row (what metrics and thresholds take)."""
         return self.predict_proba(x)[:, 1]
 
+    def margin(self, x: np.ndarray) -> np.ndarray:
+        """Raw log-odds per row from the early-stopped model: ``decision_function`` is
+        ``sigmoid(margin)``. A model that blends with or learns from the baseline needs
+        the margin: probabilities squash the top of the ranking into ``[0, 1]``."""
+        return self.model_.predict(x, raw_score=True, num_iteration=self.best_iteration_)
+
     def predict(self, x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """0/1 alerts at ``threshold``; choose it on validation data (``apps.fraud.thresholds``)."""
         return (self.decision_function(x) >= threshold).astype(np.int64)

@@ -81,6 +81,9 @@ def test_imbalance_modes_and_contract(prepared):
         assert model.best_iteration_ == 20
         proba = model.predict_proba(x[:10])
         assert proba.shape == (10, 2) and np.allclose(proba.sum(axis=1), 1.0)
+        margin = model.margin(x[:10])  # log-odds: the score is its sigmoid
+        assert np.allclose(1.0 / (1.0 + np.exp(-margin)), model.decision_function(x[:10]))
+        assert np.ptp(margin) > 0
     copy = clone(LightGBMBaseline(num_leaves=7))
     assert copy.get_params()["num_leaves"] == 7 and not hasattr(copy, "model_")
     with pytest.raises(FraudDataError, match="imbalance"):
