@@ -21,7 +21,8 @@ protocol's own split and models (one ``apps.fraud.training.fit`` per protocol):
   alpha 1; core.distill), on the shipped recipe's sub-sampled training rows.
 
 No test row is fitted by anything: cross-fitting stays inside the training block, the
-blend weight and every best epoch come from the validation block::
+blend weight comes from the validation block (or the prequential folds, below) and every
+best epoch from the validation block::
 
     python -m bench.fraud_teachers [--only ulb handbook] [--student-seeds 0 1 2]
                                    [--folds 5] [--threads 2] [--seed 0]
@@ -32,7 +33,8 @@ recipes (``apps.fraud.selection``): by mean AP over N earlier folds' assessment 
 validation block is biased towards the backbone there, since it chose the backbone's
 best epoch.
 
-Records ``<protocol>_*_blend`` and ``ulb_ap_*_lightgbm_teacher`` in
+Records ``<protocol>_*_blend*`` (``*_blend_prequential`` with ``--prequential-folds``) and
+``ulb_ap_*_lightgbm_teacher`` in
 ``bench/results/fraud.json`` (``bench.common.record``).
 """
 
@@ -96,7 +98,7 @@ def _ranking(name: str, y: np.ndarray, s: np.ndarray, data: Any, rows: np.ndarra
     from apps.fraud.metrics import average_precision, card_precision_at_k, recall_at_precision
 
     m = {"pr_auc": average_precision(y, s), "recall_at_precision_0.9": recall_at_precision(y, s)}
-    if name == "handbook" and data.cards is not None:
+    if data.cards is not None:  # card ids: Card Precision@k (handbook protocol)
         m["card_precision_at_100"] = card_precision_at_k(s, y, data.cards[rows], data.days[rows], k)
     return {key: round(float(v), 4) for key, v in m.items()}
 
@@ -157,7 +159,6 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
     from apps.fraud.baseline import stack_features
     from apps.fraud.config import load_config
     from apps.fraud.metrics import average_precision
-    from apps.fraud.model import predict_logits
     from apps.fraud.training import fit
 
     cfg = dataclasses.replace(load_config(name), seed=args.seed)
@@ -167,11 +168,7 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
     x, cat = stack_features(mi.x_raw, mi.x_cat)
     k = cfg.protocol.card_precision_k
     logits = {
-        blk: (
-            predict_logits(out.predictor.model, mi.take(rows)),
-            out.baseline.margin(x[rows]),  # log-odds, not P(fraud)
-        )
-        for blk, rows in (("valid", split.valid), ("test", split.test))
+        blk: model_logits(out, rows) for blk, rows in (("valid", split.valid), ("test", split.test))
     }
     y_va, y_te = data.y[split.valid], data.y[split.test]
     alone = {
@@ -179,7 +176,7 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
         "lightgbm": _ranking(name, y_te, logits["test"][1], data, split.test, k),
     }
     print(f"[{name}] fit {time.time() - t0:.0f} s; test alone {alone}", flush=True)
-    key = {"ulb": "ulb", "handbook": "handbook"}[name]
+    key = name
     for space in ("logit", "standardised"):
         nn_va, gb_va = logits["valid"]
         nn_te, gb_te = logits["test"]
@@ -220,7 +217,7 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
         }
         suffix = "" if space == "logit" else "_standardised"
         record("fraud", f"{key}_ap_blend{suffix}", chosen["test_pr_auc"], details)
-        if name == "handbook":
+        if data.cards is not None:
             record(
                 "fraud", f"{key}_cp100_blend{suffix}", chosen["test_card_precision_at_100"], details
             )
