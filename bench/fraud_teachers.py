@@ -94,7 +94,7 @@ def cross_fitted_margins(
     return out
 
 
-def _ranking(name: str, y: np.ndarray, s: np.ndarray, data: Any, rows: np.ndarray, k: int):
+def _ranking(y: np.ndarray, s: np.ndarray, data: Any, rows: np.ndarray, k: int):
     from apps.fraud.metrics import average_precision, card_precision_at_k, recall_at_precision
 
     m = {"pr_auc": average_precision(y, s), "recall_at_precision_0.9": recall_at_precision(y, s)}
@@ -172,8 +172,8 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
     }
     y_va, y_te = data.y[split.valid], data.y[split.test]
     alone = {
-        "backbone": _ranking(name, y_te, logits["test"][0], data, split.test, k),
-        "lightgbm": _ranking(name, y_te, logits["test"][1], data, split.test, k),
+        "backbone": _ranking(y_te, logits["test"][0], data, split.test, k),
+        "lightgbm": _ranking(y_te, logits["test"][1], data, split.test, k),
     }
     print(f"[{name}] fit {time.time() - t0:.0f} s; test alone {alone}", flush=True)
     key = name
@@ -195,9 +195,7 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
                 "valid_ap": round(val_by_w[g], 4),
                 **{
                     f"test_{m}": v
-                    for m, v in _ranking(
-                        name, y_te, blend(nn_te, gb_te, g), data, split.test, k
-                    ).items()
+                    for m, v in _ranking(y_te, blend(nn_te, gb_te, g), data, split.test, k).items()
                 },
             }
             for g in BLEND_GRID
@@ -224,7 +222,7 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
     if args.prequential_folds:
         w, folds = prequential_blend_weight(cfg, args.prequential_folds)
         nn_te, gb_te = logits["test"]
-        chosen = _ranking(name, y_te, blend(nn_te, gb_te, w), data, split.test, k)
+        chosen = _ranking(y_te, blend(nn_te, gb_te, w), data, split.test, k)
         details = {
             "protocol": out.evaluation.protocol,
             "rule": f"w (backbone weight, logit blend) by mean AP over {args.prequential_folds}"
@@ -287,10 +285,10 @@ def run_lightgbm_teachers(
                 seed=seed,
                 cfg=dcfg,
             )
-            m = _ranking("ulb", data.y[te], student_logits(st, mi.x_num[te]), data, te, k)
-            m["valid_ap"] = _ranking(
-                "ulb", data.y[va], student_logits(st, mi.x_num[va]), data, va, k
-            )["pr_auc"]
+            m = _ranking(data.y[te], student_logits(st, mi.x_num[te]), data, te, k)
+            m["valid_ap"] = _ranking(data.y[va], student_logits(st, mi.x_num[va]), data, va, k)[
+                "pr_auc"
+            ]
             students[teacher].append(m)
             print(f"[ulb] MLP student of the {teacher}, seed {seed}: {m}", flush=True)
     summary = {
@@ -343,7 +341,7 @@ def run_lightgbm_teachers(
         False,
         extra_callbacks=[keep],
     )
-    m = _ranking("ulb", data.y[te], predict_logits(student, mi.take(te)), data, te, k)
+    m = _ranking(data.y[te], predict_logits(student, mi.take(te)), data, te, k)
     details = {
         "protocol": out.evaluation.protocol,
         "teacher": details["teacher"],
