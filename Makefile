@@ -11,10 +11,11 @@ STAMP := $(VENV)/.keel-installed
 PYTEST_ARGS ?=
 # Test modules spread over up to 4 pytest-xdist workers (one per core; a module's tests stay on
 # one worker, so module fixtures are built once; tests/conftest.py hands out the longest modules
-# first). On the 2-core machine of 2026-12-01 the suite (636 tests) took 7:24 this way in a
-# working tree and 7:06-7:47 in fresh-clone CI runs after session 23 (8:30 after session 22,
-# 10:16-10:22 before its test changes, 12:35-13:32 before session 21's), and 19:50 in one
-# process (a first run on a fresh venv, session 20).
+# first). On the 2-core machine of 2026-12-01 the suite (642 tests) took 8:23 this way in a
+# working tree and 8:59 in a fresh-clone CI run after session 24 (636 tests: 7:24 and
+# 7:06-7:47 after session 23; 8:30 after session 22, 10:16-10:22 before its test changes,
+# 12:35-13:32 before session 21's), and 19:50 in one process (a first run on a fresh venv,
+# session 20).
 XDIST ?= -n auto --maxprocesses 4 --dist loadscope
 
 .PHONY: venv demo test lint bench-cpu clean-demo
