@@ -103,15 +103,14 @@ def _ranking(y: np.ndarray, s: np.ndarray, data: Any, rows: np.ndarray, k: int):
     return {key: round(float(v), 4) for key, v in m.items()}
 
 
-def model_logits(out: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(backbone logits, LightGBM margins)`` of a fit's ``rows`` (margins are log-odds:
-    LightGBM's ``decision_function`` is ``P(fraud)``, which squashes the top of the ranking)."""
-    from apps.fraud.baseline import stack_features
+def model_logits(out: Any, x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(backbone logits, LightGBM margins)`` of a fit's ``rows``; ``x``: the fit's LightGBM
+    feature matrix (``apps.fraud.baseline.stack_features``, built once by the caller).
+    Margins are log-odds: LightGBM's ``decision_function`` is ``P(fraud)``, which squashes
+    the top of the ranking."""
     from apps.fraud.model import predict_logits
 
-    mi = out.inputs
-    x, _ = stack_features(mi.x_raw, mi.x_cat)
-    return predict_logits(out.predictor.model, mi.take(rows)), out.baseline.margin(x[rows])
+    return predict_logits(out.predictor.model, out.inputs.take(rows)), out.baseline.margin(x[rows])
 
 
 def prequential_blend_weight(cfg: Any, n_folds: int) -> tuple[float, dict[str, Any]]:
@@ -120,6 +119,7 @@ def prequential_blend_weight(cfg: Any, n_folds: int) -> tuple[float, dict[str, A
     the test split): the grid weight with the best mean AP over the folds' assessment
     blocks (ties: the smaller weight). Unlike the validation block, an assessment block
     chose neither model's best epoch, so it does not favour the backbone."""
+    from apps.fraud.baseline import stack_features
     from apps.fraud.metrics import average_precision
     from apps.fraud.selection import fold_configs
     from apps.fraud.training import fit
@@ -129,7 +129,8 @@ def prequential_blend_weight(cfg: Any, n_folds: int) -> tuple[float, dict[str, A
         t0 = time.time()
         out = fit(fold.config)
         rows = out.data.split.test
-        nn, gb = model_logits(out, rows)
+        x, _ = stack_features(out.inputs.x_raw, out.inputs.x_cat)
+        nn, gb = model_logits(out, x, rows)
         y = out.data.y[rows]
         _, per_w = choose_blend_weight(y, nn, gb, average_precision)
         folds.append(
@@ -168,7 +169,8 @@ def run_protocol(name: str, args: argparse.Namespace) -> None:
     x, cat = stack_features(mi.x_raw, mi.x_cat)
     k = cfg.protocol.card_precision_k
     logits = {
-        blk: model_logits(out, rows) for blk, rows in (("valid", split.valid), ("test", split.test))
+        blk: model_logits(out, x, rows)
+        for blk, rows in (("valid", split.valid), ("test", split.test))
     }
     y_va, y_te = data.y[split.valid], data.y[split.test]
     alone = {
