@@ -68,6 +68,10 @@ class HeadConfig:
     ``"sqrt"`` = sqrt(n_legit / n_fraud) of the (sub-sampled) training rows, a float, or
     ``None``. ``neg_sample_rate``: keep this share of legitimate training rows (all frauds
     kept); calibration on the full validation block restores true probabilities.
+    ``neg_resample``: draw that share afresh every epoch (epoch 0 keeps the seeded draw;
+    later epochs take as many legitimate rows, without replacement, from all of them), so
+    the model sees most legitimate rows over its epochs at an unchanged class ratio, steps
+    per epoch and ``pos_weight`` (``training.ResampledNegatives``; needs a rate below 1).
     ``calibration``: ``platt`` (logistic on the logit; monotone, keeps the ranking and so
     PR-AUC), ``isotonic`` (may tie scores) or ``none``. ``n_reasons``: features listed per alert.
     ``numeric_encoding``: ``linear`` tokens, ``periodic`` (+ learned sin/cos embeddings,
@@ -91,6 +95,7 @@ class HeadConfig:
     pos_weight: float | str | None = "sqrt"
     focal_gamma: float = 2.0
     neg_sample_rate: float = 1.0
+    neg_resample: bool = False
     calibration: str = "platt"
     batch_size: int = 256
     dropout: float = 0.1
@@ -153,6 +158,11 @@ class HeadConfig:
         if not 0 < self.neg_sample_rate <= 1:
             raise FraudConfigError(
                 f"head.neg_sample_rate must be in (0, 1], got {self.neg_sample_rate}"
+            )
+        if self.neg_resample and self.neg_sample_rate == 1:
+            raise FraudConfigError(
+                "head.neg_resample draws a new share of legitimate rows each epoch: it needs "
+                "head.neg_sample_rate below 1, got 1 (every row is already kept)"
             )
 
 

@@ -41,7 +41,7 @@ from sklearn.metrics import average_precision_score
 
 from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
-from apps.fraud.errors import FraudDataError
+from apps.fraud.errors import FraudConfigError, FraudDataError
 from apps.fraud.inputs import ModelInputs
 from apps.fraud.model import FraudModel, loader, predict_logits
 from apps.fraud.predictor import FraudPredictor
@@ -132,6 +132,11 @@ def distill_fit_predictor(
     ``class_weighted``: weight the teacher term per row like the task loss (frauds by the
     training rows' ``pos_weight``, legitimate rows by 1). ``transfer_rows``: row indices of
     ``data`` the student also trains on, against the teacher's logits only (module doc)."""
+    if cfg.head.neg_resample:
+        raise FraudConfigError(
+            "head.neg_resample is not supported for a distilled student (its teacher logits "
+            "are computed once, on one draw of rows); set it to false in the student config"
+        )
     dcfg = default_distill_config(distill_cfg)
     data = teacher_and_data(cfg, teacher, data)
     split = data.split

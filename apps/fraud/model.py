@@ -468,6 +468,69 @@ class BatchLoader:
             yield {k: v[b] for k, v in self.ds.tensors.items()}
 
 
+class ResampledBatchLoader:
+    """Shuffled batches of a pool of rows whose legitimate rows are drawn afresh each epoch.
+
+    Why: a fixed draw of legitimate rows (``head.neg_sample_rate``) shows the model the same
+    few of them every epoch, and it can fit that draw. A fresh draw per epoch keeps the class
+    ratio, the steps per epoch and so the learning-rate schedule and ``pos_weight``, while
+    the epochs together cover most legitimate rows. ``first``: positions in the pool of
+    epoch 0's rows (every fraud of the pool plus the seeded draw); epoch 0 batches exactly
+    as :class:`BatchLoader` over those rows would, so a run departs from the fixed draw only
+    from epoch 1. Later epochs take every fraud and as many legitimate rows as epoch 0, drawn
+    without replacement by a generator seeded with ``(seed, epoch)``. Each pass over the
+    loader is one epoch (Lightning iterates the training loader once per epoch).
+    """
+
+    def __init__(
+        self,
+        pool: Mapping[str, np.ndarray],
+        first: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        label_key: str = "y",
+    ) -> None:
+        y_P = np.asarray(pool[label_key])
+        self.frauds = np.flatnonzero(y_P == 1)
+        self.legit = np.flatnonzero(y_P == 0)
+        self.first = np.asarray(first, dtype=np.int64)
+        if not np.isin(self.frauds, self.first).all():
+            raise ValueError("epoch 0's rows must hold every fraud of the pool")
+        self.n_legit = len(self.first) - len(self.frauds)
+        self.tensors = ArrayDataset(pool).tensors
+        self.batch_size, self.seed = batch_size, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def rows(self, epoch: int) -> np.ndarray:
+        """Pool positions of ``epoch``'s rows (in pool order)."""
+        if epoch == 0:
+            return self.first
+        rng = np.random.default_rng([self.seed, epoch])
+        drawn = rng.choice(self.legit, size=self.n_legit, replace=False)
+        return np.sort(np.concatenate([self.frauds, drawn]))
+
+    def __len__(self) -> int:
+        return (len(self.first) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        rows = torch.from_numpy(self.rows(self.epoch))
+        self.epoch += 1
+        order = torch.randperm(len(rows), generator=self.gen)
+        for s in range(0, len(rows), self.batch_size):
+            b = rows[order[s : s + self.batch_size]]
+            yield {k: v[b] for k, v in self.tensors.items()}
+
+
+def resampled_loader(
+    pool: Mapping[str, np.ndarray], first: np.ndarray, batch_size: int, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over :class:`ResampledBatchLoader` (Lightning needs a real DataLoader)."""
+    return DataLoader(
+        _Batches(ResampledBatchLoader(pool, first, batch_size, seed)), batch_size=None
+    )
+
+
 def loader(
     arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0
 ) -> DataLoader:
@@ -477,7 +540,7 @@ def loader(
 
 
 class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, bl: BatchLoader) -> None:
+    def __init__(self, bl: BatchLoader | ResampledBatchLoader) -> None:
         self.bl = bl
 
     def __len__(self) -> int:

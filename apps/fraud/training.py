@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import polars as pl
+from torch.utils.data import DataLoader
 
 from apps.fraud.baseline import LightGBMBaseline, stack_features
 from apps.fraud.calibration import apply_calibration, fit_calibration
@@ -42,7 +43,7 @@ from apps.fraud.metrics import (
     card_precision_at_k_daily,
     fraud_metrics,
 )
-from apps.fraud.model import FraudModel, loader, predict_logits
+from apps.fraud.model import FraudModel, loader, predict_logits, resampled_loader
 from apps.fraud.predictor import FraudPredictor, raw_input_columns
 from apps.fraud.readers import file_columns, load_transactions
 from apps.fraud.schema import TS, FraudSchema, load_schema
@@ -157,13 +158,34 @@ def training_rows(
     return idx, pos_weight
 
 
+def training_loader(
+    data: PreparedData,
+    cfg: FraudConfig,
+    mi: ModelInputs,
+    rows: np.ndarray,
+    block: np.ndarray | None = None,
+) -> DataLoader:
+    """Shuffled training batches of ``rows`` (from :func:`training_rows` over ``block``,
+    default the training block). With ``head.neg_resample`` the legitimate rows are drawn
+    afresh from all of ``block``'s each epoch after the first (``model.ResampledBatchLoader``)."""
+    bs = cfg.head.batch_size
+    if not cfg.head.neg_resample:
+        return loader({**mi.take(rows), "y": data.y[rows]}, bs, shuffle=True, seed=cfg.seed)
+    pool_rows = data.split.train if block is None else block
+    first = np.flatnonzero(np.isin(pool_rows, rows))
+    if not np.array_equal(pool_rows[first], rows):
+        raise ValueError("rows must be a draw of the block, in its order (training_rows)")
+    pool = {**mi.take(pool_rows), "y": data.y[pool_rows]}
+    return resampled_loader(pool, first, bs, seed=cfg.seed)
+
+
 class _DataModule(L.LightningDataModule):
-    def __init__(self, train: dict, valid: dict, batch_size: int, seed: int) -> None:
+    def __init__(self, train: DataLoader, valid: dict, batch_size: int) -> None:
         super().__init__()
-        self.train, self.valid, self.bs, self.seed = train, valid, batch_size, seed
+        self.train, self.valid, self.bs = train, valid, batch_size
 
     def train_dataloader(self):
-        return loader(self.train, self.bs, shuffle=True, seed=self.seed)
+        return self.train
 
     def val_dataloader(self):
         return loader(self.valid, max(self.bs, 1024), shuffle=False)
@@ -356,7 +378,8 @@ def refit_backbone(
     number of optimizer steps grows with the rows (epochs count, not steps)."""
     if epochs < 1:
         raise FraudDataError(f"refit needs >= 1 epoch, got {epochs}")
-    rows, pos_weight = training_rows(data, cfg, refit_block(data.split))
+    block = refit_block(data.split)
+    rows, pos_weight = training_rows(data, cfg, block)
     train = {**mi.take(rows), "y": data.y[rows]}
     bs = cfg.head.batch_size
     per_epoch = math.ceil(len(rows) / bs)
@@ -377,7 +400,7 @@ def refit_backbone(
     trainer = build_trainer(trainer_cfg, [average] if average else [], logger=False)
     cfg_refit = replace(cfg, optim=replace(cfg.optim, max_steps=horizon))
     model = build_model(cfg_refit, ib, pos_weight, train)
-    trainer.fit(model, train_dataloaders=loader(train, bs, shuffle=True, seed=cfg.seed))
+    trainer.fit(model, train_dataloaders=training_loader(data, cfg, mi, rows, block))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model
     return Refit(model, rows, trainer.current_epoch, trainer.global_step, horizon, pos_weight)
@@ -432,7 +455,8 @@ def fit(
     callbacks += [keep_best] if keep_best else []  # after the average: it keeps averaged weights
     trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
     model = build_model(cfg, ib, pos_weight, train)
-    trainer.fit(model, datamodule=_DataModule(train, valid, cfg.head.batch_size, cfg.seed))
+    train_batches = training_loader(data, cfg, mi, rows)
+    trainer.fit(model, datamodule=_DataModule(train_batches, valid, cfg.head.batch_size))
     model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
     model = model.float().cpu() if device not in (None, "cpu") else model
 
