@@ -83,13 +83,19 @@ _probe_cache: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run a tiny aligned grouped matmul (forward + backward) once to see if it is supported."""
+    """Run a tiny aligned grouped matmul (forward + backward) once to see if it is supported.
+
+    The operands are fixed values, not random ones: the probe runs inside the first forward
+    pass, and drawing from the global generator there shifted every later dropout mask, so
+    the first model trained in a process differed from the same config trained again."""
     if GROUPED_MM is None:
         return False
     try:
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            a = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
-            b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            a = torch.linspace(-1, 1, 8 * 16, device=device).reshape(8, 16).to(dtype)
+            b = torch.linspace(1, -1, 2 * 16 * 16, device=device).reshape(2, 16, 16).to(dtype)
+            a.requires_grad_(True)
+            b.requires_grad_(True)
             offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
             out = GROUPED_MM(a, b.transpose(-2, -1), offs=offs)
             out.backward(torch.ones_like(out))
