@@ -43,7 +43,7 @@ from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudConfigError, FraudDataError
 from apps.fraud.inputs import ModelInputs
-from apps.fraud.model import FraudModel, loader, predict_logits
+from apps.fraud.model import FraudModel, loader, predict_logits, resampled_loader
 from apps.fraud.predictor import FraudPredictor
 from apps.fraud.training import (
     KeepBestWeights,
@@ -132,10 +132,10 @@ def distill_fit_predictor(
     ``class_weighted``: weight the teacher term per row like the task loss (frauds by the
     training rows' ``pos_weight``, legitimate rows by 1). ``transfer_rows``: row indices of
     ``data`` the student also trains on, against the teacher's logits only (module doc)."""
-    if cfg.head.neg_resample:
+    if cfg.head.neg_resample and transfer_rows is not None:
         raise FraudConfigError(
-            "head.neg_resample is not supported for a distilled student (its teacher logits "
-            "are computed once, on one draw of rows); set it to false in the student config"
+            "head.neg_resample and transfer_rows together are not supported: the transfer "
+            "rows join one fixed draw of training rows; set head.neg_resample to false"
         )
     dcfg = default_distill_config(distill_cfg)
     data = teacher_and_data(cfg, teacher, data)
@@ -148,6 +148,10 @@ def distill_fit_predictor(
     # built before any transfer row joins: numeric bins are cut on the training labels
     student = build_student(cfg, teacher, pos_weight, train)
     n_labelled = len(rows)
+    first = None  # with head.neg_resample: epoch 0's rows within the whole training block
+    if cfg.head.neg_resample:  # soft labels for every row of the block, drawn afresh per epoch
+        first = np.flatnonzero(np.isin(split.train, rows))
+        train = {**mi.take(split.train), "y": data.y[split.train]}
     if transfer_rows is not None:
         transfer = checked_transfer_rows(data, rows, transfer_rows)
         train = with_transfer_rows(train, mi.take(transfer), dcfg.label_mask_key)
@@ -169,7 +173,9 @@ def distill_fit_predictor(
     student = distill_fit(
         student,
         teacher.model,
-        loader(train, cfg.head.batch_size, shuffle=True, seed=cfg.seed),
+        loader(train, cfg.head.batch_size, shuffle=True, seed=cfg.seed)
+        if first is None
+        else resampled_loader(train, first, cfg.head.batch_size, seed=cfg.seed),
         loader(valid, max(cfg.head.batch_size, 1024), shuffle=False),
         trainer_cfg,
         dcfg,
