@@ -71,7 +71,7 @@ class HeadConfig:
     ``neg_resample``: draw that share afresh every epoch (epoch 0 keeps the seeded draw;
     later epochs take as many legitimate rows, without replacement, from all of them), so
     the model sees most legitimate rows over its epochs at an unchanged class ratio, steps
-    per epoch and ``pos_weight`` (``training.ResampledNegatives``; needs a rate below 1).
+    per epoch and ``pos_weight`` (``model.ResampledBatchLoader``; needs a rate below 1).
     ``calibration``: ``platt`` (logistic on the logit; monotone, keeps the ranking and so
     PR-AUC), ``isotonic`` (may tie scores) or ``none``. ``n_reasons``: features listed per alert.
     ``numeric_encoding``: ``linear`` tokens, ``periodic`` (+ learned sin/cos embeddings,
