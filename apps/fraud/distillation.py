@@ -51,6 +51,7 @@ from apps.fraud.training import (
     averaged_weights,
     build_model,
     choose_threshold,
+    draw_positions,
     evaluate_inputs,
     load_data,
     training_rows,
@@ -150,7 +151,7 @@ def distill_fit_predictor(
     n_labelled = len(rows)
     first = None  # with head.neg_resample: epoch 0's rows within the whole training block
     if cfg.head.neg_resample:  # soft labels for every row of the block, drawn afresh per epoch
-        first = np.flatnonzero(np.isin(split.train, rows))
+        first = draw_positions(split.train, rows)
         train = {**mi.take(split.train), "y": data.y[split.train]}
     if transfer_rows is not None:
         transfer = checked_transfer_rows(data, rows, transfer_rows)

@@ -172,11 +172,17 @@ def training_loader(
     if not cfg.head.neg_resample:
         return loader({**mi.take(rows), "y": data.y[rows]}, bs, shuffle=True, seed=cfg.seed)
     pool_rows = data.split.train if block is None else block
-    first = np.flatnonzero(np.isin(pool_rows, rows))
-    if not np.array_equal(pool_rows[first], rows):
-        raise ValueError("rows must be a draw of the block, in its order (training_rows)")
     pool = {**mi.take(pool_rows), "y": data.y[pool_rows]}
-    return resampled_loader(pool, first, bs, seed=cfg.seed)
+    return resampled_loader(pool, draw_positions(pool_rows, rows), bs, seed=cfg.seed)
+
+
+def draw_positions(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions in ``block`` of ``rows``, a :func:`training_rows` draw of it (epoch 0's rows
+    of ``model.ResampledBatchLoader``); raises if ``rows`` is not such a draw."""
+    first = np.flatnonzero(np.isin(block, rows))
+    if not np.array_equal(block[first], rows):
+        raise ValueError("rows must be a draw of the block, in its order (training_rows)")
+    return first
 
 
 class _DataModule(L.LightningDataModule):

@@ -101,7 +101,7 @@ def test_fit_with_resampling_equals_the_fixed_draw_for_one_epoch_then_departs(tm
         for resample in (False, True):
             cfg = tiny_config(tmp_path, neg_resample=resample)
             cfg.model.d_model, cfg.model.n_layers, cfg.model.n_dense_layers = 16, 2, 1
-            cfg.model.moe.expert_hidden = 16  # one expert layer: the probe runs in fit 1
+            cfg.model.moe.expert_hidden = 16  # one expert layer (probe-free since the fix)
             cfg.trainer.max_epochs = epochs
             cfg.baseline.enabled = False
             outs[epochs, resample] = fit(cfg)
