@@ -82,6 +82,8 @@ class HeadConfig:
     bin, so a threshold rule is one input; see ``model.PiecewiseLinearNumeric``).
     ``wide``: also a logistic term straight on those codes, added to the logit (wide and
     deep; ``model.WideLogit``; needs ``piecewise``).
+    ``row_mlp``: hidden sizes of a row path (``model.RowMLP``): an MLP over the whole row
+    of scaled numeric features whose logit is added to the CLS logit (``None`` = off).
     ``select_best``: keep the weights of the epoch with the best validation average
     precision (``"val/ap"``) instead of the last epoch's; ``None`` keeps the last.
     ``weight_average``: one model with averaged weights (``core.callbacks.AveragedWeights``):
@@ -107,6 +109,7 @@ class HeadConfig:
     bin_edges: str = "quantile"
     bin_steps: bool = False
     wide: bool = False
+    row_mlp: list[int] | None = None
     select_best: str | None = None
     weight_average: str | None = None
     ema_decay: float = 0.998
@@ -138,6 +141,12 @@ class HeadConfig:
         if self.bin_edges not in ("quantile", "tree"):
             raise FraudConfigError(
                 f"head.bin_edges must be 'quantile' or 'tree', got {self.bin_edges!r}"
+            )
+        if self.row_mlp is not None and (
+            not self.row_mlp or any(not isinstance(h, int) or h < 1 for h in self.row_mlp)
+        ):
+            raise FraudConfigError(
+                f"head.row_mlp must be null or a list of hidden sizes >= 1, got {self.row_mlp!r}"
             )
         if self.select_best not in (None, "val/ap"):
             raise FraudConfigError(

@@ -10,6 +10,10 @@ Tokens of one transaction (``T = 1 + N + C + H``):
 
 Optional wide part (``wide=True``, :class:`WideLogit`): a logistic term straight on the
 piecewise codes, added to the CLS logit, so a threshold rule is one weight (wide and deep).
+Optional row path (``row_mlp=(64, 32)``, :class:`RowMLP`): a small MLP over the whole row of
+scaled numeric features, its logit added to the CLS logit. Per-feature tokens make every
+interaction go through attention; the row path gives the model the plain MLP's view of the
+row beside it (TabTransformer feeds its continuous features to the head the same way).
 
 Imbalance: BCE with ``pos_weight`` (default sqrt(n_legit / n_fraud) on the training rows:
 the full ratio over-weights ~100 frauds per batch-worth of data and makes training noisy;
@@ -62,7 +66,10 @@ class FraudModel(TaskModule):
         n_bins: int = 16,
         bin_steps: bool = False,
         wide: bool = False,
+        row_mlp: Sequence[int] = (),
     ) -> None:
+        if any(int(h) < 1 for h in row_mlp):
+            raise ValueError(f"row_mlp hidden sizes must be >= 1, got {list(row_mlp)}")
         if numeric_encoding not in NUMERIC_ENCODINGS:
             raise ValueError(
                 f"numeric_encoding must be one of {NUMERIC_ENCODINGS}, got {numeric_encoding!r}"
@@ -86,6 +93,7 @@ class FraudModel(TaskModule):
             n_bins=n_bins,
             bin_steps=bin_steps,
             wide=wide,
+            row_mlp=[int(h) for h in row_mlp],
         )
         d = self.backbone_config.d_model
         self.tokenizer = FeatureTokenizer(n_numeric, list(cat_cardinalities), d, cls_token=True)
@@ -108,6 +116,7 @@ class FraudModel(TaskModule):
         self.wide = (
             WideLogit(n_numeric, self.piecewise.n_codes) if wide and self.piecewise else None
         )
+        self.row = RowMLP(n_numeric, row_mlp, head_dropout) if row_mlp and n_numeric else None
         self.loss_kind = loss
         self.pos_weight = float(pos_weight)
         self.focal_gamma = float(focal_gamma)
@@ -153,9 +162,11 @@ class FraudModel(TaskModule):
 
     def head_forward(self, out: BackboneOutput, batch: Any) -> Tensor:
         logit_B = self.head(out.last_hidden[:, 0]).squeeze(-1)
-        if self.wide is None:
-            return logit_B
-        return logit_B + self.wide_contributions(batch["x_num"]).sum(-1).to(logit_B.dtype)
+        if self.wide is not None:
+            logit_B = logit_B + self.wide_contributions(batch["x_num"]).sum(-1).to(logit_B.dtype)
+        if self.row is not None:
+            logit_B = logit_B + self.row(batch["x_num"]).to(logit_B.dtype)
+        return logit_B
 
     def wide_contributions(self, x_num_BN: Tensor) -> Tensor:
         """(B, N) per-feature terms of the wide logit, each relative to its feature at value 0
@@ -233,6 +244,13 @@ class FraudModel(TaskModule):
             n = wide_BN.shape[1]
             contrib = torch.cat([contrib[:, :n] + wide_BN, contrib[:, n:]], 1)
             logit_B = logit_B + wide_BN.sum(-1)
+        if self.row is not None:
+            # The row path reads the numeric features directly: gradient x input, the same
+            # first-order rule with the same baseline (value 0, the training mean).
+            row_B, row_BN = self.row.attributions(batch["x_num"])
+            n = row_BN.shape[1]
+            contrib = torch.cat([contrib[:, :n] + row_BN, contrib[:, n:]], 1)
+            logit_B = logit_B + row_B
         if hist is not None:
             contrib = torch.cat([contrib, (tok_BHD * grads[1]).sum((1, 2)).unsqueeze(1)], 1)
         return logit_B.detach(), contrib.detach()
@@ -402,6 +420,39 @@ class WideLogit(nn.Module):
 
     def forward(self, code_BNK: Tensor) -> Tensor:
         return torch.einsum("bnk,nk->bn", code_BNK, self.weight_NK.to(code_BNK.dtype))
+
+
+class RowMLP(nn.Module):
+    """``x_num_BN -> logit_B``: an MLP (SiLU, dropout) over the whole row of scaled numeric
+    features, added to the CLS logit (``FraudModel(row_mlp=...)``).
+
+    Why: on rows of a few dozen dense features (ULB's PCA components) a plain MLP over the
+    row is a strong model, and feature tokens alone must rebuild every interaction through
+    attention from per-feature embeddings. Added as a logit term the two views train jointly
+    under one loss, and each keeps its own attribution (:meth:`attributions`)."""
+
+    def __init__(self, n_features: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = [n_features, *[int(h) for h in hidden]]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.SiLU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x_BN: Tensor) -> Tensor:
+        return self.net(x_BN).squeeze(-1)
+
+    def attributions(self, x_BN: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logit_B, contrib_BN)``: contributions are gradient x input, relative to the
+        all-zero row (every feature at its training mean). First-order: they sum to
+        ``logit - logit(0)`` exactly where the MLP is linear along the path, approximately
+        elsewhere (the feature tokens' rule)."""
+        with torch.enable_grad():
+            x = x_BN.detach().float().requires_grad_(True)
+            logit_B = self(x)
+            (grad_BN,) = torch.autograd.grad(logit_B.sum(), [x])
+        return logit_B.detach(), (x * grad_BN).detach()
 
 
 def tree_edges(

@@ -306,6 +306,7 @@ def build_model(
         n_bins=cfg.head.n_bins,
         bin_steps=cfg.head.bin_steps,
         wide=cfg.head.wide,
+        row_mlp=cfg.head.row_mlp or (),
     )
     return model.fit_numeric_encoding(train["x_num"], train.get("y"), cfg.head.bin_edges)
 
