@@ -25,10 +25,11 @@ Writes ``bench/results/fraud.json`` via ``bench.common.record`` and prints a tab
 records ``<key>_seeds_mean`` (per-seed values, sd, paired backbone - LightGBM PR-AUC) beside
 the single-run keys.
 
-``--select CANDIDATES.yaml [--folds N]`` runs prequential model selection
+``--select CANDIDATES.yaml [--folds N] [--candidates NAME ...]`` runs prequential model selection
 (``apps.fraud.selection``) for ``--only ulb`` / ``handbook``: every candidate recipe on the
 protocol's earlier folds, never the test split; records ``<name>_prequential_selection``
-(value: the winner's mean fold metric; details: every candidate's per-fold figures).
+(value: the winner's mean fold metric; details: every candidate's per-fold figures);
+``--candidates`` runs only the named recipes (their winner is among those alone).
 
 ``--refit`` sets ``refit_on_validation`` (see ``apps.fraud.config.FraudConfig``): step 1
 as above, then backbone and LightGBM retrained from scratch on train + validation rows for
@@ -330,6 +331,21 @@ def run_seeds(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None
             rows.append((f"{key}_mlp_student_seeds_mean", smean))
 
 
+def pick_candidates(
+    candidates: dict[str, Any], names: list[str] | None, path: str
+) -> dict[str, Any]:
+    """``--candidates``: only the named recipes of a candidates file, in the file's order
+    (to add one recipe's folds beside a recorded run of the others; the fits are
+    deterministic per seed). ``None`` keeps them all; an unknown name is an error that
+    lists the file's names."""
+    if not names:
+        return candidates
+    unknown = [n for n in names if n not in candidates]
+    if unknown:
+        raise SystemExit(f"--candidates {unknown}: not in {path} (it lists {list(candidates)})")
+    return {n: o for n, o in candidates.items() if n in names}
+
+
 def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> None:
     """``--select``: prequential selection among the candidates file's recipes on the
     ``name`` protocol's folds (``--jobs`` fits at once); records the summary."""
@@ -338,6 +354,7 @@ def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> 
 
     cfg = protocol_config(name, args)
     grid = load_candidates(args.select)
+    grid["candidates"] = pick_candidates(grid["candidates"], args.candidates, args.select)
     folds = args.folds or grid["folds"] or 3
     metric = grid["metric"] or "pr_auc"
     threads = max(1, args.threads // args.jobs)
@@ -365,6 +382,7 @@ def run_selection(name: str, args: argparse.Namespace, cmd: str, rows: list) -> 
         "command": cmd,
         "metric": metric,
         "selected": sel.best,
+        "candidates_run": list(grid["candidates"]),
         "summary": sel.summary,
         "runs": sel.rows,
         "seconds": round(time.time() - t0),
@@ -556,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         help="prequential model selection among these recipes (apps.fraud.selection)",
     )
     ap.add_argument("--folds", type=int, default=None, help="--select folds (default: file's, 3)")
+    ap.add_argument(
+        "--candidates",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="--select: run only these recipes of the candidates file",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="--seeds / --select runs at once")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for scoring")
     ap.add_argument("--rows", type=int, default=1 << 21, help="rows per GPU throughput call")
@@ -586,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _cmd(argv)
     if args.mlp_teachers > 1 and (not args.mlp_student or args.seeds or args.select):
         ap.error("--mlp-teachers needs --mlp-student in a single run (no --seeds / --select)")
+    if args.candidates and not args.select:
+        ap.error("--candidates picks recipes of a --select candidates file")
     todo = args.only or ["ulb", "handbook", "throughput"]
     rows: list = []
     if args.select:

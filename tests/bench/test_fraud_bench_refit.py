@@ -43,6 +43,18 @@ def test_refit_records_step_one_under_the_usual_key_and_refit_beside_it():
     assert len(set(keys)) == 2 * len(KEYS["handbook"])
 
 
+def test_candidates_option_keeps_the_named_recipes_in_file_order():
+    from bench.fraud_bench import main, pick_candidates
+
+    grid = {"a": {}, "b": {"optim.lr": 0.01}, "c": {"model.dropout": 0.3}}
+    assert pick_candidates(grid, None, "f.yaml") is grid
+    assert pick_candidates(grid, ["c", "a"], "f.yaml") == {"a": {}, "c": {"model.dropout": 0.3}}
+    with pytest.raises(SystemExit, match=r"\['z'\]: not in f.yaml \(it lists \['a', 'b', 'c'\]\)"):
+        pick_candidates(grid, ["z", "a"], "f.yaml")
+    with pytest.raises(SystemExit):  # argparse's error: --candidates needs --select
+        main(["--only", "ulb", "--candidates", "a"])
+
+
 def test_seeds_record_the_mean_of_real_per_seed_runs(tmp_path, monkeypatch, small_demo):
     """``--seeds``: one real fit per seed (the small demo config, one epoch); the recorded mean and
     sd are those of the per-seed figures, the seeds give different models, and the paired
