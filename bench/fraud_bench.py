@@ -503,6 +503,7 @@ def throughput_synthetic(cmd: str, rows: list, n_rows: int, device: str = "cuda"
             n_bins=head.get("n_bins", 16),
             bin_steps=head.get("bin_steps", False),
             wide=head.get("wide", False),
+            row_mlp=head.get("row_mlp") or (),
         )
         .to(device)
         .eval()
