@@ -61,7 +61,7 @@ def test_fit_with_row_path_learns_and_reloads(tmp_path) -> None:
     reloads to the same scores and reasons."""
     cfg = tiny_config(tmp_path, row_mlp=[16, 8])
     cfg.model.d_model, cfg.model.n_layers, cfg.model.moe = 16, 1, None
-    cfg.trainer.max_epochs = 2
+    cfg.trainer.max_epochs = 1
     cfg.baseline.enabled = False
     out = fit(cfg)
     model = out.predictor.model
