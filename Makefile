@@ -17,7 +17,9 @@ PYTEST_ARGS ?=
 # 12:35-13:32 before session 21's), and 19:50 in one process (a first run on a fresh venv,
 # session 20). Session 25 added 7 tests (649): 10:14 in a fresh-clone CI run on an idle
 # machine (whole run 831 s), over the 10-minute aim. Session 26 trimmed test_neg_resample's
-# fit test (3 fits, not 4) and added 5 tests (654): 9:54 in a fresh-clone CI run, idle machine.
+# fit test (3 fits, not 4) and added 5 tests (654): 9:54 and 10:06 in two fresh-clone CI runs
+# on an idle machine (the same tests; about 10 s of noise), then cut one epoch from the new
+# row-path fit test, not re-timed.
 XDIST ?= -n auto --maxprocesses 4 --dist loadscope
 
 .PHONY: venv demo test lint bench-cpu clean-demo
