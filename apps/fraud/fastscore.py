@@ -147,17 +147,24 @@ class RowFeatures(nn.Module):
         return ((x_BF - self.mean_F) * self.inv_std_F).clamp_(-CLIP, CLIP)
 
 
+def mlp_layers(n_features: int, hidden: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    """``Linear -> SiLU (-> Dropout)`` per hidden size, then ``Linear(., 1)``: the MLP of the
+    student (no dropout, so its saved layer indices never change) and of the backbone's
+    row path (``model.RowMLP``)."""
+    dims = [n_features, *[int(h) for h in hidden]]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.SiLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    layers.append(nn.Linear(dims[-1], 1))
+    return nn.Sequential(*layers)
+
+
 class StudentMLP(nn.Module):
     """``x_num_BF -> logit_B``: a small MLP (SiLU) distilled from the backbone's logits."""
 
     def __init__(self, n_features: int, hidden: Sequence[int] = (64, 32)) -> None:
         super().__init__()
-        dims = [n_features, *hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(a, b), nn.SiLU()]
-        layers.append(nn.Linear(dims[-1], 1))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_layers(n_features, hidden)
         self.n_features = n_features
         self.hidden = list(hidden)
         self.fit_steps = 0  # optimizer steps of the fit that made these weights (0: none here)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from apps.fraud.fastscore import mlp_layers
 from core.adapters import FeatureTokenizer
 from core.backbone import BackboneOutput
 from core.config import BackboneConfig
@@ -433,12 +434,7 @@ class RowMLP(nn.Module):
 
     def __init__(self, n_features: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()
-        dims = [n_features, *[int(h) for h in hidden]]
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(a, b), nn.SiLU(), nn.Dropout(dropout)]
-        layers.append(nn.Linear(dims[-1], 1))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_layers(n_features, hidden, dropout)
 
     def forward(self, x_BN: Tensor) -> Tensor:
         return self.net(x_BN).squeeze(-1)
