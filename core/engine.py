@@ -60,6 +60,13 @@ def seed_everything(seed: int, workers: bool = True) -> int:
     return lightning.seed_everything(seed, workers=workers, verbose=False)
 
 
+def member_seed(seed: int, k: int) -> int:
+    """Seed of seed-ensemble member ``k`` of a run seeded ``seed``: member 0 uses the run's
+    seed (an ensemble of one is the single-model recipe, bit for bit), the others seeds far
+    from every run's seed (104,729 apart), so runs of seeds 0, 1, 2 ... share no member."""
+    return seed if k == 0 else seed + 104_729 * k
+
+
 # ============================================================================ TaskModule
 
 

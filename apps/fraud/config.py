@@ -264,7 +264,14 @@ class FraudConfig(YamlConfig):
     for exactly those counts and score the test block with them (calibration and
     threshold stay the validation-fitted ones; ``training.refit_backbone``). On a
     time-ordered split the validation block is the data just before the test block, the
-    freshest fraud patterns. Off by default; it roughly doubles training time."""
+    freshest fraud patterns. Off by default; it roughly doubles training time.
+
+    ``ensemble_size``: train that many backbones, member ``k`` from seed
+    ``core.engine.member_seed(seed, k)`` (its own initialisation, batch order and draw of
+    legitimate rows; member 0 is the single-model run), each keeping its own best epoch, and
+    score with the mean of their logits (``model.FraudEnsemble``), calibrated and
+    thresholded on the validation block as one model. It multiplies training and backbone
+    scoring time by ``ensemble_size``; a distilled MLP student costs the same as before."""
 
     schema: str = "synthetic"
     data_path: str | None = None
@@ -283,7 +290,19 @@ class FraudConfig(YamlConfig):
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     refit_on_validation: bool = False
+    ensemble_size: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ensemble_size, bool) or not isinstance(self.ensemble_size, int):
+            raise FraudConfigError(f"ensemble_size={self.ensemble_size!r}: expected an integer")
+        if self.ensemble_size < 1:
+            raise FraudConfigError(f"ensemble_size={self.ensemble_size}: expected >= 1")
+        if self.ensemble_size > 1 and self.refit_on_validation:
+            raise FraudConfigError(
+                "ensemble_size > 1 with refit_on_validation: the refit retrains one backbone;"
+                " use one of the two"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

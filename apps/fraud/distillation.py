@@ -43,7 +43,7 @@ from apps.fraud.calibration import apply_calibration, fit_calibration
 from apps.fraud.config import FraudConfig
 from apps.fraud.errors import FraudConfigError, FraudDataError
 from apps.fraud.inputs import ModelInputs
-from apps.fraud.model import FraudModel, loader, predict_logits, resampled_loader
+from apps.fraud.model import FraudEnsemble, FraudModel, loader, predict_logits, resampled_loader
 from apps.fraud.predictor import FraudPredictor
 from apps.fraud.training import (
     KeepBestWeights,
@@ -140,6 +140,12 @@ def distill_fit_predictor(
         )
     dcfg = default_distill_config(distill_cfg)
     data = teacher_and_data(cfg, teacher, data)
+    if dcfg.hidden_weight > 0 and isinstance(teacher.model, FraudEnsemble):
+        raise FraudConfigError(
+            f"hidden_weight={dcfg.hidden_weight} with a {len(teacher.model.members)}-member"
+            " ensemble teacher: hidden-state matching reads one backbone's hidden states;"
+            " distil an ensemble through its logits (hidden_weight 0)"
+        )
     split = data.split
     seed_everything(cfg.seed)
     mi = teacher.inputs.transform(data.frame)

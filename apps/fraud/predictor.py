@@ -50,7 +50,7 @@ from apps.fraud.calibration import apply_calibration
 from apps.fraud.errors import FraudDataError
 from apps.fraud.fastscore import StudentMLP
 from apps.fraud.inputs import InputBuilder, canonical_frame
-from apps.fraud.model import FraudModel, predict_logits
+from apps.fraud.model import FraudEnsemble, FraudModel, fraud_model_from_hparams, predict_logits
 from apps.fraud.schema import TIME_UNITS, TS, FraudSchema
 
 _NEW = "__new_row"
@@ -129,7 +129,7 @@ class FraudPredictor:
 
     def __init__(
         self,
-        model: FraudModel | None,
+        model: FraudModel | FraudEnsemble | None,
         inputs: InputBuilder,
         calibration: dict[str, Any],
         thresholds: dict[str, float],
@@ -378,8 +378,7 @@ class FraudPredictor:
             student = StudentMLP(int(spec["n_features"]), [int(h) for h in spec["hidden"]])
             student.load_state_dict(state)
         else:
-            hp = dict(config["model"])
-            model = FraudModel(hp.pop("backbone_config"), hp.pop("optim_config"), **hp)
+            model = fraud_model_from_hparams(config["model"])
             model.load_state_dict(state)
         inputs = InputBuilder.from_state(json.loads((path / "inputs.json").read_text()))
         return cls(

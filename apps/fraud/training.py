@@ -8,8 +8,9 @@ run without MLflow, so nothing here imports it):
 2. fit features on TRAINING rows, compute them once over the chronological frame;
 3. train the backbone (legitimate training rows optionally sub-sampled; optionally one
    model with averaged weights, ``AveragedWeights``, and the best epoch by validation AP,
-   ``KeepBestWeights``), calibrate on the VALIDATION block, choose the alert threshold on
-   the VALIDATION block;
+   ``KeepBestWeights``; with ``ensemble_size > 1`` several such members, each from its own
+   seed, whose mean logit is the model, ``FraudEnsemble``), calibrate on the VALIDATION
+   block, choose the alert threshold on the VALIDATION block;
 4. fit LightGBM on the same features and split (early stopping on validation);
 5. optionally (``refit_on_validation``) retrain both from scratch on training + validation
    rows for the epoch / tree count chosen in 3-4, keeping 3's calibration and threshold:
@@ -43,14 +44,21 @@ from apps.fraud.metrics import (
     card_precision_at_k_daily,
     fraud_metrics,
 )
-from apps.fraud.model import FraudModel, loader, predict_logits, resampled_loader
+from apps.fraud.model import (
+    FraudEnsemble,
+    FraudModel,
+    average_precision_np,
+    loader,
+    predict_logits,
+    resampled_loader,
+)
 from apps.fraud.predictor import FraudPredictor, raw_input_columns
 from apps.fraud.readers import file_columns, load_transactions
 from apps.fraud.schema import TS, FraudSchema, load_schema
 from apps.fraud.splits import TimeSplit, time_fraction_split, train_delay_test_split
 from apps.fraud.thresholds import threshold_for_alert_budget, threshold_for_cost
 from core.callbacks import AveragedWeights
-from core.engine import build_trainer, seed_everything
+from core.engine import build_trainer, member_seed, seed_everything
 from core.sharding import single_device_copy
 from core.spec import EvalResult
 
@@ -429,6 +437,55 @@ def baseline_estimator(cfg: FraudConfig, n_estimators: int | None = None) -> Lig
     )
 
 
+@dataclass
+class Member:
+    """One trained backbone of :func:`fit` (an ensemble member when ``ensemble_size > 1``)."""
+
+    model: FraudModel
+    seed: int
+    pos_weight: float
+    trainer: L.Trainer
+    keep_best: KeepBestWeights | None
+    average: AveragedWeights | None
+
+
+def train_member(
+    cfg: FraudConfig,
+    data: PreparedData,
+    ib: InputBuilder,
+    mi: ModelInputs,
+    k: int = 0,
+    logger: Any = False,
+    device: str | None = None,
+) -> Member:
+    """Train backbone ``k`` of ``cfg`` on the training block (best epoch by validation AP
+    when ``head.select_best``): seed ``member_seed(cfg.seed, k)`` sets its initial weights,
+    batch order and draw of legitimate rows; member 0 is the single-model recipe."""
+    split = data.split
+    seed = member_seed(cfg.seed, k)
+    cfg_k = replace(cfg, seed=seed)
+    rows, pos_weight = training_rows(data, cfg_k)
+    train = {**mi.take(rows), "y": data.y[rows]}
+    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
+    trainer_cfg = cfg.trainer
+    if device is not None:
+        trainer_cfg = replace(trainer_cfg, accelerator=device)
+    trainer_cfg = replace(trainer_cfg, seed=seed)
+    keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
+    average = averaged_weights(cfg)
+    callbacks: list[L.Callback] = [average] if average else []
+    callbacks += [keep_best] if keep_best else []  # after the average: it keeps averaged weights
+    if k > 0:  # member 0 keeps the single-model run's random stream, bit for bit
+        seed_everything(seed)
+    trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
+    model = build_model(cfg_k, ib, pos_weight, train)
+    train_batches = training_loader(data, cfg_k, mi, rows)
+    trainer.fit(model, datamodule=_DataModule(train_batches, valid, cfg.head.batch_size))
+    model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
+    model = model.float().cpu() if device not in (None, "cpu") else model
+    return Member(model, seed, pos_weight, trainer, keep_best, average)
+
+
 def fit(
     cfg: FraudConfig,
     data: PreparedData | None = None,
@@ -448,24 +505,18 @@ def fit(
     ib.fit(data.frame[split.train], context=data.frame, train_rows=split.train)
     mi = ib.fitted_inputs_
 
-    rows, pos_weight = training_rows(data, cfg)
-    train = {**mi.take(rows), "y": data.y[rows]}
-    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
-
-    trainer_cfg = cfg.trainer
-    if device is not None:
-        trainer_cfg = replace(trainer_cfg, accelerator=device)
-    trainer_cfg = replace(trainer_cfg, seed=cfg.seed)
-    keep_best = KeepBestWeights(cfg.head.select_best) if cfg.head.select_best else None
-    average = averaged_weights(cfg)
-    callbacks: list[L.Callback] = [average] if average else []
-    callbacks += [keep_best] if keep_best else []  # after the average: it keeps averaged weights
-    trainer = build_trainer(trainer_cfg, callbacks, logger=logger)
-    model = build_model(cfg, ib, pos_weight, train)
-    train_batches = training_loader(data, cfg, mi, rows)
-    trainer.fit(model, datamodule=_DataModule(train_batches, valid, cfg.head.batch_size))
-    model = single_device_copy(model)  # a plain module again after fsdp2 (else itself)
-    model = model.float().cpu() if device not in (None, "cpu") else model
+    members = [
+        train_member(cfg, data, ib, mi, k, logger if k == 0 else False, device)
+        for k in range(cfg.ensemble_size)
+    ]
+    first = members[0]
+    keep_best, average, trainer, pos_weight = (
+        first.keep_best,
+        first.average,
+        first.trainer,
+        first.pos_weight,
+    )
+    model = first.model if len(members) == 1 else FraudEnsemble([m.model for m in members])
 
     # Calibration and threshold: validation rows only.
     val_logits = predict_logits(model, mi.take(split.valid))
@@ -532,6 +583,16 @@ def fit(
         ) + f" from epoch {average.start_epoch}"
     if keep_best is not None:
         extra.update(best_epoch=keep_best.best_epoch, best_val_ap=keep_best.best)
+    if len(members) > 1:
+        # per member what its validation block chose; best_val_ap becomes the ensemble's
+        # validation AP (what one model's entry means: the kept model on validation)
+        extra.update(
+            ensemble_size=len(members),
+            member_seeds=[m.seed for m in members],
+            best_epoch=[m.keep_best.best_epoch if m.keep_best else None for m in members],
+            member_best_val_ap=[m.keep_best.best if m.keep_best else None for m in members],
+            best_val_ap=average_precision_np(data.y[split.valid], val_logits),
+        )
     refit_rows = refit.rows if refit is not None else None
     return FitOutput(predictor, data, mi, evaluation, baseline, split.valid, extra, refit_rows)
 

@@ -56,7 +56,7 @@ from apps.maintenance.predictor import (
     normalizer_state,
 )
 from apps.maintenance.windows import WindowSet, build_windows
-from core.engine import build_trainer, seed_everything
+from core.engine import build_trainer, member_seed, seed_everything
 from core.sharding import full_state_dict, single_device_copy
 from core.spec import EvalResult
 
@@ -257,12 +257,6 @@ def build_model(cfg: MaintenanceConfig, n_channels: int) -> RULModel:
         input_noise=cfg.input_noise,
         val_max_rul=cfg.val_max_rul,
     )
-
-
-def member_seed(seed: int, k: int) -> int:
-    """Seed of ensemble member ``k``: member 0 uses the run's seed (``ensemble_size=1`` is the
-    single-model recipe, bit for bit), the others seeds far from every run's seed."""
-    return seed if k == 0 else seed + 104_729 * k
 
 
 def pretrain_if_configured(
