@@ -28,6 +28,7 @@ from core.engine import (
     build_trainer,
     concat_predictions,
     fit,
+    member_seed,
     predict,
     resolve_precision,
     seed_everything,
@@ -423,3 +424,10 @@ def test_compile_blocks_with_inductor_trains(tmp_path):
     trainer = fit(module, TinyData(), cfg)
     assert trainer.global_step == 2
     assert math.isfinite(float(trainer.callback_metrics["train/loss_step"]))
+
+
+def test_member_seed_keeps_member_zero_and_never_meets_another_runs_seed():
+    """Ensemble member 0 is the single-model run; no member of runs seeded 0-9 shares a
+    seed with any member of another (runs of neighbouring seeds stay independent)."""
+    assert member_seed(7, 0) == 7
+    assert len({member_seed(s, k) for s in range(10) for k in range(5)}) == 50

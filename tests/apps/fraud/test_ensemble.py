@@ -80,12 +80,6 @@ def test_config_checks_the_ensemble_size() -> None:
         cfg.with_overrides({"ensemble_size": 2, "refit_on_validation": True})
 
 
-def test_member_seeds_keep_member_zero_and_never_meet_another_runs_seed() -> None:
-    assert member_seed(7, 0) == 7
-    seeds = {member_seed(s, k) for s in range(10) for k in range(5)}
-    assert len(seeds) == 50
-
-
 def test_fit_trains_members_whose_mean_is_the_model(tmp_path) -> None:
     cfg = tiny_config(tmp_path, row_mlp=[16, 8], select_best="val/ap")
     cfg.model.d_model, cfg.model.n_layers, cfg.model.moe = 16, 1, None

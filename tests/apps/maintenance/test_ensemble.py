@@ -12,7 +12,7 @@ from apps.maintenance.config import MaintenanceConfig
 from apps.maintenance.errors import MaintenanceDataError
 from apps.maintenance.model import RULEnsemble
 from apps.maintenance.predictor import MaintenancePredictor
-from apps.maintenance.training import fit, input_example, member_seed, split_windows
+from apps.maintenance.training import fit, input_example, split_windows
 from tests.apps.maintenance.conftest import tiny_config
 
 
@@ -49,9 +49,7 @@ def test_ensemble_is_the_mean_of_its_members_and_member_0_is_the_single_model(tm
     pd.testing.assert_frame_equal(loaded.predict(frame), out.predictor.predict(frame))
 
 
-def test_member_seeds_and_bad_size():
-    assert member_seed(3, 0) == 3
-    assert len({member_seed(s, k) for s in range(5) for k in range(4)}) == 20
+def test_bad_ensemble_size():
     with pytest.raises(MaintenanceDataError, match="ensemble_size"):
         MaintenanceConfig(ensemble_size=0)
     assert MaintenanceConfig().ensemble_size == 1
