@@ -264,7 +264,10 @@ class FraudConfig(YamlConfig):
     for exactly those counts and score the test block with them (calibration and
     threshold stay the validation-fitted ones; ``training.refit_backbone``). On a
     time-ordered split the validation block is the data just before the test block, the
-    freshest fraud patterns. Off by default; it roughly doubles training time.
+    freshest fraud patterns. Off by default; it roughly doubles training time. The kept
+    threshold may not fit the retrained model's scores: on ULB's prequential folds it turned
+    a budget of 100 alerts a day into 706 and 2,938 (BENCHMARKS.md, session 27), so check
+    alerts per day before acting on a refit model's decisions.
 
     ``ensemble_size``: train that many backbones, member ``k`` from seed
     ``core.engine.member_seed(seed, k)`` (its own initialisation, batch order and draw of
