@@ -54,7 +54,9 @@ class FraudDetector:
                     f"FraudDetector: unknown config key {dotted!r} (use a__b for nesting)"
                 )
             setattr(target, parts[-1], value)
-        return cfg
+        # rebuilt so every section's checks see the overridden values (a bad value fails
+        # here, naming its key, not deep inside training)
+        return FraudConfig.from_dict(cfg.to_dict())
 
     def fit(
         self, transactions: str | Path | pd.DataFrame | pl.DataFrame, y: Any = None

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from sklearn.base import clone
 
+from apps.fraud.config import FraudConfigError
 from apps.fraud.estimator import FraudDetector
 from tests.apps.fraud.fraud_model_helpers import tiny_config
 
@@ -39,3 +40,13 @@ def test_init_only_stores_parameters():
     assert not any(k.endswith("_") for k in vars(det))
     copy = clone(det)
     assert copy.get_params() == {"config": None, "trainer__max_epochs": 2}
+
+
+def test_overrides_pass_the_config_checks():
+    """An override is checked like a YAML value: the error names the key before any fit."""
+    cfg = FraudDetector(None, ensemble_size=2, head__row_mlp=[8])._config()
+    assert cfg.ensemble_size == 2 and list(cfg.head.row_mlp) == [8]
+    with pytest.raises(FraudConfigError, match="ensemble_size=0"):
+        FraudDetector(None, ensemble_size=0)._config()
+    with pytest.raises(FraudConfigError, match="head.row_mlp"):
+        FraudDetector(None, head__row_mlp=[0])._config()
