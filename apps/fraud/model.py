@@ -265,9 +265,11 @@ class FraudEnsemble(nn.Module):
     ``ensemble_size``; member seeds from ``core.engine.member_seed``).
 
     On ULB the backbone's test PR-AUC moves by about 0.02 between seeds and the best epoch
-    its 32-fraud validation block picks changes with the seed; averaging members' logits
-    cancels part of that noise (the maintenance app's ``RULEnsemble`` does the same for
-    RUL). The mean of logits, not of probabilities, keeps one calibration and threshold for
+    its 32-fraud validation block picks changes with the seed; averaging members' logits is
+    meant to cancel part of that noise (the maintenance app's ``RULEnsemble`` does so for
+    RUL). Measured: 3 members lost ULB's prequential selection to one model (mean fold
+    PR-AUC 0.807 against 0.827, BENCHMARKS.md session 27), so no shipped config sets it.
+    The mean of logits, not of probabilities, keeps one calibration and threshold for
     the ensemble as for one model, and keeps attributions exact: the ensemble's per-feature
     terms are the mean of the members' terms, on the same baseline. Duck-types what the
     predictor and the training loop read from a model: ``forward``, :meth:`attributions`,
