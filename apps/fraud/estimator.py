@@ -43,20 +43,15 @@ class FraudDetector:
             if isinstance(cfg, str)
             else cfg
         )
-        cfg = FraudConfig.from_dict(cfg.to_dict())
-        for dotted, value in self.overrides.items():
-            target = cfg
-            parts = dotted.split("__")
-            for p in parts[:-1]:
-                target = getattr(target, p)
-            if not hasattr(target, parts[-1]):
-                raise ValueError(
-                    f"FraudDetector: unknown config key {dotted!r} (use a__b for nesting)"
-                )
-            setattr(target, parts[-1], value)
-        # rebuilt so every section's checks see the overridden values (a bad value fails
-        # here, naming its key, not deep inside training)
-        return FraudConfig.from_dict(cfg.to_dict())
+        # core's dotted overrides: a copy rebuilt through from_dict, so every section's
+        # checks see the overridden values (a bad value fails here, naming its key)
+        dotted = {key.replace("__", "."): value for key, value in self.overrides.items()}
+        try:
+            return cfg.with_overrides(dotted)
+        except KeyError as err:
+            raise ValueError(
+                f"FraudDetector: unknown config key ({err.args[0]}; use a__b for nesting)"
+            ) from None
 
     def fit(
         self, transactions: str | Path | pd.DataFrame | pl.DataFrame, y: Any = None

@@ -454,19 +454,19 @@ def train_member(
     data: PreparedData,
     ib: InputBuilder,
     mi: ModelInputs,
+    valid: Mapping[str, np.ndarray],
     k: int = 0,
     logger: Any = False,
     device: str | None = None,
 ) -> Member:
     """Train backbone ``k`` of ``cfg`` on the training block (best epoch by validation AP
-    when ``head.select_best``): seed ``member_seed(cfg.seed, k)`` sets its initial weights,
-    batch order and draw of legitimate rows; member 0 is the single-model recipe."""
-    split = data.split
+    on ``valid``, the validation block's arrays, when ``head.select_best``): seed
+    ``member_seed(cfg.seed, k)`` sets its initial weights, batch order and draw of
+    legitimate rows; member 0 is the single-model recipe."""
     seed = member_seed(cfg.seed, k)
     cfg_k = replace(cfg, seed=seed)
     rows, pos_weight = training_rows(data, cfg_k)
     train = {**mi.take(rows), "y": data.y[rows]}
-    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
     trainer_cfg = cfg.trainer
     if device is not None:
         trainer_cfg = replace(trainer_cfg, accelerator=device)
@@ -505,17 +505,15 @@ def fit(
     ib.fit(data.frame[split.train], context=data.frame, train_rows=split.train)
     mi = ib.fitted_inputs_
 
+    valid = {**mi.take(split.valid), "y": data.y[split.valid]}
     members = [
-        train_member(cfg, data, ib, mi, k, logger if k == 0 else False, device)
+        train_member(cfg, data, ib, mi, valid, k, logger if k == 0 else False, device)
         for k in range(cfg.ensemble_size)
     ]
+    # member 0's trainer and callbacks: what the refit and the report read (the refit is
+    # refused for ensembles by the config)
     first = members[0]
-    keep_best, average, trainer, pos_weight = (
-        first.keep_best,
-        first.average,
-        first.trainer,
-        first.pos_weight,
-    )
+    keep_best, average, trainer = first.keep_best, first.average, first.trainer
     model = first.model if len(members) == 1 else FraudEnsemble([m.model for m in members])
 
     # Calibration and threshold: validation rows only.
@@ -546,7 +544,7 @@ def fit(
         )
         base_scores = baseline.decision_function(x[split.test])
 
-    extra: dict[str, Any] = {"pos_weight": pos_weight}
+    extra: dict[str, Any] = {"pos_weight": first.pos_weight}
     no_refit: dict[str, float] = {}
     refit = None
     if cfg.refit_on_validation:
