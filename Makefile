@@ -23,7 +23,8 @@ PYTEST_ARGS ?=
 # and 10:54 in a fresh-clone CI run, on an idle machine that ran the untouched modules slower
 # than session 26's durations log (the two-process FSDP2 CLI test 68 -> 81 s, the Spark
 # scoring test 26 -> 47 s); the new tests take about 10 s. With one more test (661), a second
-# fresh-clone CI run on the idle machine took 9:35: about a minute of run-to-run noise.
+# fresh-clone CI run on the idle machine took 9:35, and after the review commit 10:12: about a
+# minute of run-to-run noise.
 XDIST ?= -n auto --maxprocesses 4 --dist loadscope
 
 .PHONY: venv demo test lint bench-cpu clean-demo
